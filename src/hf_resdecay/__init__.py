@@ -1,0 +1,38 @@
+"""hf_resdecay: decayed identity shortcuts and residual-alignment analysis for the Hugging Face stack.
+
+Importing the package registers the decayed models with transformers' Auto classes, so
+``AutoModel.from_pretrained("org/vitmae-decay")`` works without naming a class.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
+
+from .models import (
+    ViTMAEDecayConfig,
+    ViTMAEDecayForPreTraining,
+    ViTMAEDecayModel,
+    ViTMAEDecayPreTrainedModel,
+)
+from .shortcut import SHORTCUT_SCHEDULES, alpha_eff, shortcut_coefficients
+
+__version__ = "0.1.0"
+
+
+def _register_auto_classes() -> None:
+    """Make ``model_type="vit_mae_decay"`` resolvable by AutoConfig, AutoModel and AutoModelForPreTraining."""
+    AutoConfig.register(ViTMAEDecayConfig.model_type, ViTMAEDecayConfig, exist_ok=True)
+    AutoModel.register(ViTMAEDecayConfig, ViTMAEDecayModel, exist_ok=True)
+    AutoModelForPreTraining.register(ViTMAEDecayConfig, ViTMAEDecayForPreTraining, exist_ok=True)
+
+
+_register_auto_classes()
+
+__all__ = [
+    "SHORTCUT_SCHEDULES",
+    "ViTMAEDecayConfig",
+    "ViTMAEDecayForPreTraining",
+    "ViTMAEDecayModel",
+    "ViTMAEDecayPreTrainedModel",
+    "__version__",
+    "alpha_eff",
+    "shortcut_coefficients",
+]

@@ -1,0 +1,62 @@
+"""Configuration of ViTMAE with decayed identity shortcuts (arXiv 2404.10947)."""
+
+from huggingface_hub.dataclasses import strict
+from transformers import ViTMAEConfig
+
+try:
+    from hf_resdecay.shortcut import validate_shortcut_decay, validate_shortcut_schedule
+except ImportError:  # loaded with trust_remote_code=True, next to a copy of shortcut.py
+    from .shortcut import validate_shortcut_decay, validate_shortcut_schedule
+
+
+@strict
+class ViTMAEDecayConfig(ViTMAEConfig):
+    r"""[`ViTMAEConfig`] plus the decayed-shortcut recipe of the authors' released MAE code.
+
+    Encoder sublayer ``k`` (attention and MLP counted separately) computes ``x = alpha_k * x + f(LN(x))``
+    with ``alpha_k`` from [`~hf_resdecay.shortcut_coefficients`]. The defaults are the released recipe;
+    ``shortcut_decay=0`` with the three flags off is exactly upstream ViTMAE.
+
+    Args:
+        shortcut_decay (`float`, *optional*, defaults to 0.3):
+            ``1 - alpha_min``, in ``[0, 1)``. 0.3 (``alpha_min`` 0.7) is the authors' released MAE setting.
+        shortcut_schedule (`str`, *optional*, defaults to `"linear"`):
+            One of ``"linear"`` (the paper), ``"cosine"``, ``"constant"``.
+        encoder_final_layernorm (`bool`, *optional*, defaults to `False`):
+            Keep the encoder's final LayerNorm. The recipe removes it: features are the raw output of
+            the last encoder block.
+        zero_init_residual_branches (`bool`, *optional*, defaults to `True`):
+            Zero-initialise the output projection of every residual branch (attention output and MLP
+            output, encoder and decoder) and the decoder's pixel head.
+        decoder_skip_connections (`bool`, *optional*, defaults to `True`):
+            U-Net style encoder-to-decoder skips: the decoder starts from a learned token, and the
+            outputs of every second encoder block (counted back from the last) feed the first decoder
+            blocks in reverse order. The paper's ablation shows the decay needs them.
+    """
+
+    model_type = "vit_mae_decay"
+
+    shortcut_decay: float | int = 0.3
+    shortcut_schedule: str = "linear"
+    encoder_final_layernorm: bool = False
+    zero_init_residual_branches: bool = True
+    decoder_skip_connections: bool = True
+
+    def __post_init__(self, **kwargs):
+        self.validate_shortcut()
+        super().__post_init__(**kwargs)
+
+    def validate_shortcut(self):
+        """Reject a ``shortcut_decay`` outside ``[0, 1)`` or an unknown ``shortcut_schedule``."""
+        validate_shortcut_decay(self.shortcut_decay)
+        validate_shortcut_schedule(self.shortcut_schedule)
+
+    @property
+    def num_decoder_skip_connections(self) -> int:
+        """How many encoder blocks feed the decoder: every second one from the last, one per decoder block."""
+        if not self.decoder_skip_connections:
+            return 0
+        return min((self.num_hidden_layers + 1) // 2, self.decoder_num_hidden_layers)
+
+
+__all__ = ["ViTMAEDecayConfig"]

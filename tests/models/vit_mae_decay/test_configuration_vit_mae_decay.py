@@ -1,0 +1,64 @@
+import pytest
+from huggingface_hub.errors import StrictDataclassError
+from transformers import AutoConfig, ViTMAEConfig
+
+from hf_resdecay import ViTMAEDecayConfig
+
+from .helpers import TINY
+
+
+def test_defaults_are_the_released_recipe():
+    config = ViTMAEDecayConfig()
+    assert config.model_type == "vit_mae_decay"
+    assert isinstance(config, ViTMAEConfig)
+    assert config.shortcut_decay == 0.3
+    assert config.shortcut_schedule == "linear"
+    assert config.encoder_final_layernorm is False
+    assert config.zero_init_residual_branches is True
+    assert config.decoder_skip_connections is True
+
+
+@pytest.mark.parametrize("decay", [-0.01, 1.0, 2])
+def test_bad_decay_fails_at_construction(decay):
+    with pytest.raises(ValueError, match=r"shortcut_decay must be in \[0, 1\)"):
+        ViTMAEDecayConfig(shortcut_decay=decay)
+
+
+def test_bad_schedule_fails_at_construction():
+    with pytest.raises(ValueError, match="shortcut_schedule must be one of"):
+        ViTMAEDecayConfig(shortcut_schedule="step")
+
+
+def test_wrong_flag_type_names_the_field():
+    with pytest.raises(StrictDataclassError, match="decoder_skip_connections"):
+        ViTMAEDecayConfig(decoder_skip_connections="yes")
+
+
+def test_value_changed_after_construction_is_caught_by_validate(tmp_path):
+    config = ViTMAEDecayConfig()
+    config.shortcut_decay = 1.2
+    with pytest.raises(StrictDataclassError, match="shortcut_decay must be in"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+
+
+def test_round_trip_through_auto_config(tmp_path):
+    config = ViTMAEDecayConfig(
+        **TINY, shortcut_decay=0.25, shortcut_schedule="cosine", encoder_final_layernorm=True
+    )
+    config.save_pretrained(tmp_path)
+    loaded = AutoConfig.from_pretrained(tmp_path)
+    assert type(loaded) is ViTMAEDecayConfig
+    assert loaded.to_diff_dict() == config.to_diff_dict()
+    assert AutoConfig.for_model("vit_mae_decay", shortcut_decay=0.1).shortcut_decay == 0.1
+
+
+@pytest.mark.parametrize(
+    ("depth", "decoder_depth", "flag", "expected"),
+    [(12, 8, True, 6), (7, 8, True, 4), (12, 2, True, 2), (1, 1, True, 1), (12, 8, False, 0)],
+)
+def test_number_of_skips(depth, decoder_depth, flag, expected):
+    config = ViTMAEDecayConfig(
+        num_hidden_layers=depth, decoder_num_hidden_layers=decoder_depth, decoder_skip_connections=flag
+    )
+    assert config.num_decoder_skip_connections == expected
