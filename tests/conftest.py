@@ -37,3 +37,48 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory):
     server = HubServer(tmp_path_factory.mktemp("hub"), port=HUB_PORT)
     with server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def digits_dataset():
+    """scikit-learn's 1,797 digits as an image ``DatasetDict`` (train 1,347 / test 450, stratified), 8x8 L."""
+    import numpy as np
+    from datasets import ClassLabel, Dataset, DatasetDict, Features, Image
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images * 16).clip(0, 255).astype(np.uint8)
+    train_idx, test_idx = train_test_split(
+        np.arange(len(images)), test_size=0.25, random_state=0, stratify=digits.target
+    )
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def split(indices):
+        return Dataset.from_dict(
+            {"image": list(images[indices]), "label": digits.target[indices].tolist()}, features=features
+        )
+
+    return DatasetDict({"train": split(train_idx), "test": split(test_idx)})
+
+
+@pytest.fixture(scope="session")
+def tiny_ddpm():
+    """An untrained 16x16 RGB DDPM pipeline (10 timesteps): real diffusers plumbing in milliseconds."""
+    import torch
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(
+        sample_size=16,
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=10))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import shutil
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 SHORTCUT_SCHEDULES: tuple[str, ...] = ("linear", "cosine", "constant")
 """Names accepted by :func:`shortcut_coefficients`; ``"linear"`` is the paper's schedule."""
@@ -91,3 +95,13 @@ def alpha_eff(coefficients: Sequence[float]) -> float:
     The paper reports a useful range of about 1e-3 to 1e-2 for MAE encoders.
     """
     return math.prod(coefficients)
+
+
+def ship_code_files(save_directory: str | os.PathLike, *module_names: str) -> None:
+    """Copy the source files of ``module_names`` and of this module into ``save_directory``: the code a
+    checkpoint carries so that ``trust_remote_code=True`` loads it where this package is not installed
+    (each model file imports this module from beside itself in that case)."""
+    Path(save_directory).mkdir(parents=True, exist_ok=True)
+    for name in (*module_names, __name__):
+        source = Path(sys.modules[name].__file__)
+        shutil.copyfile(source, Path(save_directory) / source.name)

@@ -8,9 +8,6 @@ ships this code with every checkpoint. Everything else is transformers' own ViTM
 from __future__ import annotations
 
 import os
-import shutil
-import sys
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -37,9 +34,9 @@ from transformers.utils import logging
 from .configuration_vit_mae_decay import ViTMAEDecayConfig
 
 try:
-    from hf_resdecay.shortcut import shortcut_coefficients
+    from hf_resdecay.shortcut import ship_code_files, shortcut_coefficients
 except ImportError:  # loaded with trust_remote_code=True, next to a copy of shortcut.py
-    from .shortcut import shortcut_coefficients
+    from .shortcut import ship_code_files, shortcut_coefficients
 
 logger = logging.get_logger(__name__)
 
@@ -281,9 +278,7 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
         self.config.auto_map = dict(REMOTE_CODE_AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
-            for module_name in (ViTMAEDecayConfig.__module__, __name__, shortcut_coefficients.__module__):
-                source = Path(sys.modules[module_name].__file__)
-                shutil.copyfile(source, Path(save_directory) / source.name)
+            ship_code_files(save_directory, ViTMAEDecayConfig.__module__, __name__)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
