@@ -1,0 +1,303 @@
+"""Frozen features of any transformers vision model over an image dataset, per layer, cached on disk.
+
+Works on ViT-family encoders (ViT, DeiT, DINOv2, ViTMAE and the decayed ViTMAE) and on CNNs with a
+pooler (ResNet, ConvNeXt). ViTMAE checkpoints are read with masking off and patch order kept, so every
+patch is seen. Layers index ``hidden_states``: 0 is the embedding output, ``i`` the output of block ``i``,
+``-1`` the last block; no final LayerNorm is applied (the decay paper's linear-probe protocol).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoImageProcessor, AutoModel, PreTrainedModel, ViTImageProcessorPil
+
+from ..assets import default_cache_dir
+from ..atomic import atomic_write
+
+POOLINGS = ("mean", "cls", "pooler")
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class")
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features per layer (``features[layer]`` is a float32 (samples, dim) array) and labels."""
+
+    features: dict[int, np.ndarray]
+    labels: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.features)
+
+    def last(self) -> np.ndarray:
+        """Features of the deepest layer that was extracted."""
+        return self.features[self.layers[-1]]
+
+
+def find_image_column(dataset, image_column: str | None = None) -> str:
+    """The column holding images: ``image_column`` when given (checked), else a ``datasets.Image`` feature,
+    else a conventional name."""
+    from datasets import Image
+
+    features = dataset.features or {}
+    columns = list(features) or list(getattr(dataset, "column_names", None) or [])
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {columns}")
+        return image_column
+    for name, feature in features.items():
+        if isinstance(feature, Image):
+            return name
+    for name in IMAGE_COLUMN_NAMES:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"the dataset has no image column: columns are {columns} with types "
+        f"{[type(f).__name__ for f in features.values()]}; pass image_column= to name one"
+    )
+
+
+def find_label_column(dataset) -> str | None:
+    """The column holding class labels: a ``ClassLabel`` feature, else a conventional name, else None."""
+    from datasets import ClassLabel
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel):
+            return name
+    return next((name for name in LABEL_COLUMN_NAMES if name in dataset.features), None)
+
+
+def load_encoder(model_or_id, revision: str | None = None) -> tuple[PreTrainedModel, object | None]:
+    """A model and its image processor (None when the checkpoint has none) from an object, Hub id or dir."""
+    if isinstance(model_or_id, torch.nn.Module):
+        return model_or_id, None
+    import hf_resdecay  # noqa: F401  (registers the decayed models with the Auto classes)
+
+    model = AutoModel.from_pretrained(model_or_id, revision=revision)
+    try:
+        processor = AutoImageProcessor.from_pretrained(model_or_id, revision=revision)
+    except (OSError, ValueError):
+        processor = None
+    return model, processor
+
+
+def default_image_processor(model: PreTrainedModel) -> ViTImageProcessorPil:
+    """Resize to the model's image size and scale to [-1, 1], for checkpoints saved without a processor."""
+    size = getattr(model.config, "image_size", 224)
+    size = size[0] if isinstance(size, (list, tuple)) else size
+    return ViTImageProcessorPil(
+        size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+
+
+def _model_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over the config and every weight: two models share cached features only if identical."""
+    digest = hashlib.sha256()
+    config = getattr(model, "config", None)
+    if config is not None:
+        digest.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _unmasked(model: torch.nn.Module) -> Iterator[bool]:
+    """Set ``mask_ratio=0`` on ViTMAE-style encoders for the duration; yield whether the model masks."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "mask_ratio"):
+        yield False
+        return
+    ratio = config.mask_ratio
+    config.mask_ratio = 0.0
+    try:
+        yield True
+    finally:
+        config.mask_ratio = ratio
+
+
+def _forward_kwargs(base: torch.nn.Module, masks_patches: bool, pixel_values: torch.Tensor) -> dict:
+    """Ask for every hidden state; for masking models, identity noise (argsort keeps patches in order)."""
+    kwargs: dict = {"output_hidden_states": True}
+    if masks_patches:
+        num_patches = base.embeddings.patch_embeddings.num_patches
+        noise = torch.arange(num_patches, device=pixel_values.device, dtype=torch.float32)
+        kwargs["noise"] = noise.expand(len(pixel_values), -1)
+    return kwargs
+
+
+def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+    if hidden.ndim == 4:  # CNN feature map (batch, channels, height, width)
+        if pooling == "cls":
+            raise ValueError(
+                "pooling='cls' needs a token sequence; this model gives feature maps (use 'mean')"
+            )
+        return hidden.mean(dim=(2, 3))
+    return hidden[:, 0] if pooling == "cls" else hidden.mean(dim=1)
+
+
+def _to_rgb(image, channels: int):
+    if channels == 3 and hasattr(image, "mode") and image.mode != "RGB":
+        return image.convert("RGB")
+    return image
+
+
+def extract_features(
+    model_or_id,
+    dataset,
+    pooling: str = "mean",
+    layers: Sequence[int] | str = (-1,),
+    batch_size: int = 64,
+    image_processor=None,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    max_samples: int | None = None,
+    revision: str | None = None,
+    cache: bool = True,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> FeatureSet:
+    """Features of ``dataset`` (a ``datasets.Dataset`` with an image column) under ``model_or_id``.
+
+    ``layers`` is a sequence of ``hidden_states`` indices or ``"all"``; ``pooling`` is ``"mean"`` (all
+    tokens, CLS included; spatial mean for CNNs), ``"cls"`` or ``"pooler"`` (the model's pooler output,
+    last layer only). Images stream through in batches under ``torch.inference_mode``. With ``cache``,
+    results are stored under ``cache_dir`` keyed by the model's weights and the dataset's fingerprint.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}; got {pooling!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    model, loaded_processor = load_encoder(model_or_id, revision)
+    processor = image_processor or loaded_processor or default_image_processor(model)
+    image_column = find_image_column(dataset, image_column)
+    label_column = label_column if label_column is not None else find_label_column(dataset)
+    total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
+    if total == 0:
+        raise ValueError("the dataset is empty")
+
+    key_parts = {
+        "model": _model_fingerprint(model),
+        "dataset": getattr(dataset, "_fingerprint", None),
+        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
+        "pooling": pooling,
+        "layers": layers if isinstance(layers, str) else list(layers),
+        "columns": [image_column, label_column],
+        "samples": total,
+    }
+    cache_file = None
+    if cache and key_parts["dataset"] is not None:
+        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
+        cache_file = Path(cache_dir or default_cache_dir() / "features") / f"{key}.npz"
+        if cache_file.exists():
+            return _load_feature_file(cache_file)
+
+    base = model.base_model if isinstance(model, PreTrainedModel) else model
+    was_training = base.training
+    base.eval()
+    channels = getattr(base.config, "num_channels", 3)
+    device = next(base.parameters()).device
+    chunks: dict[int, list[np.ndarray]] = {}
+    labels: list = []
+    try:
+        with _unmasked(base) as masks_patches, torch.inference_mode():
+            for start in tqdm(
+                range(0, total, batch_size), desc="features", disable=not progress, unit="batch"
+            ):
+                rows = dataset[start : min(start + batch_size, total)]
+                images = [_to_rgb(image, channels) for image in rows[image_column]]
+                pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
+                outputs = base(
+                    pixel_values=pixel_values, **_forward_kwargs(base, masks_patches, pixel_values)
+                )
+                states = outputs.hidden_states
+                indices = range(len(states)) if layers == "all" else [i % len(states) for i in layers]
+                for index in indices:
+                    if pooling == "pooler":
+                        if index != len(states) - 1:
+                            raise ValueError("pooling='pooler' reads the last layer only; use layers=(-1,)")
+                        pooled = outputs.pooler_output.flatten(1)
+                    else:
+                        pooled = _pool(states[index], pooling)
+                    chunks.setdefault(index, []).append(pooled.float().cpu().numpy())
+                if label_column is not None:
+                    labels.extend(rows[label_column])
+    finally:
+        base.train(was_training)
+
+    result = FeatureSet(
+        features={index: np.concatenate(parts) for index, parts in chunks.items()},
+        labels=np.asarray(labels, dtype=np.int64) if label_column is not None else None,
+        meta={
+            "pooling": pooling,
+            "image_column": image_column,
+            "label_column": label_column,
+            "samples": total,
+        },
+    )
+    if cache_file is not None:
+        _save_feature_file(cache_file, result)
+    return result
+
+
+def encoder_feature_fn(
+    model_or_id, pooling: str = "mean", revision: str | None = None
+) -> tuple[Callable[[torch.Tensor], torch.Tensor], int]:
+    """A feature function over [0, 1] pixel batches for Fréchet distances in any model's feature space.
+
+    Returns ``(fn, image_size)``: ``fn`` takes float (N, 3, image_size, image_size) images in [0, 1],
+    normalises them with the checkpoint's processor mean/std (0.5 when it has none), runs the encoder
+    unmasked and pools the last hidden state like :func:`extract_features` (e.g. FD-DINOv2).
+    """
+    if pooling not in ("mean", "cls"):
+        raise ValueError(f"pooling must be 'mean' or 'cls' for a feature function; got {pooling!r}")
+    model, processor = load_encoder(model_or_id, revision)
+    base = (model.base_model if isinstance(model, PreTrainedModel) else model).eval()
+    processor = processor or default_image_processor(base)
+    size = getattr(base.config, "image_size", 224)
+    size = int(size[0] if isinstance(size, (list, tuple)) else size)
+    mean = torch.tensor(getattr(processor, "image_mean", None) or [0.5] * 3).view(1, -1, 1, 1)
+    std = torch.tensor(getattr(processor, "image_std", None) or [0.5] * 3).view(1, -1, 1, 1)
+    channels = getattr(base.config, "num_channels", 3)
+
+    def features(pixels: torch.Tensor) -> torch.Tensor:
+        device = next(base.parameters()).device
+        pixels = pixels[:, :channels] if channels < pixels.shape[1] else pixels
+        pixels = ((pixels - mean[:, :channels]) / std[:, :channels]).to(device)
+        with _unmasked(base) as masks_patches, torch.inference_mode():
+            outputs = base(pixel_values=pixels, **_forward_kwargs(base, masks_patches, pixels))
+            return _pool(outputs.hidden_states[-1], pooling).float().cpu()
+
+    return features, size
+
+
+def _save_feature_file(path: Path, result: FeatureSet) -> None:
+    """Write the features next to their final name, then rename: readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"layer_{index}": value for index, value in result.features.items()}
+    if result.labels is not None:
+        arrays["labels"] = result.labels
+    arrays["meta"] = np.frombuffer(json.dumps(result.meta).encode(), dtype=np.uint8)
+    with atomic_write(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
+def _load_feature_file(path: Path) -> FeatureSet:
+    with np.load(path, allow_pickle=False) as data:
+        features = {int(name.split("_")[1]): data[name] for name in data.files if name.startswith("layer_")}
+        labels = data["labels"] if "labels" in data.files else None
+        meta = json.loads(data["meta"].tobytes().decode())
+    return FeatureSet(features=features, labels=labels, meta={**meta, "cached": str(path)})
