@@ -1,0 +1,280 @@
+"""``hf-resdecay align``: residual-alignment report of a checkpoint (written by the alignment work).
+
+``hf-resdecay align MODEL_ID_OR_DIR --dataset DATASET --samples 32 --top-k 16 --output DIR`` loads a vision
+checkpoint (Hub id or folder), preprocesses a class-balanced sample of images with the checkpoint's image
+processor (or a default resize and normalisation to the model's ``image_size`` and ``num_channels``), runs
+:func:`~hf_resdecay.alignment.run_alignment` and prints one row per residual block (``s_1``, numerical rank,
+``|<u_1, v_1>|``) with the paths of ``report.json`` and the PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .jacobian import METHODS
+
+__all__ = ["add_align_command", "run_align", "select_samples"]
+
+DTYPES = ("float32", "float64")
+
+
+def _integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum`` (argparse names the flag in its error)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {number}")
+        return number
+
+    return parse
+
+
+def add_align_command(commands: argparse._SubParsersAction) -> None:
+    """Register the ``align`` subcommand on the ``hf-resdecay`` parser."""
+    align = commands.add_parser(
+        "align",
+        help="residual alignment (RA1-RA4) and neural collapse of a checkpoint",
+        description=(
+            "Measure residual alignment (arXiv 2401.09018: top singular triplets of every residual "
+            "branch's Jacobian, matrix-free) and neural collapse of a vision checkpoint; writes "
+            "report.json and PNG plots."
+        ),
+    )
+    align.add_argument("model", help="Hub model id or local checkpoint folder")
+    align.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub dataset id, a folder (save_to_disk or imagefolder), or 'embedded:mnist' (the default)",
+    )
+    align.add_argument("--split", default="test", help="dataset split to draw samples from (default: test)")
+    align.add_argument(
+        "--samples",
+        type=_integer_at_least(1),
+        default=32,
+        help="images analysed, drawn class-balanced at random (default: 32)",
+    )
+    align.add_argument(
+        "--top-k", type=_integer_at_least(1), default=16, help="singular triplets per Jacobian (default: 16)"
+    )
+    align.add_argument(
+        "--output", type=Path, default=Path("alignment"), help="folder for report.json and the plots"
+    )
+    align.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    align.add_argument(
+        "--power-iters",
+        type=_integer_at_least(0),
+        default=2,
+        help="block-Krylov iterations of the randomized SVD (default: 2)",
+    )
+    align.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="float32",
+        help="precision of the Jacobian products (default: float32)",
+    )
+    align.add_argument(
+        "--num-classes",
+        type=_integer_at_least(1),
+        default=None,
+        help="C for RA3 (default: the number of classes of the dataset's label column)",
+    )
+    align.add_argument(
+        "--method",
+        choices=METHODS,
+        default="auto",
+        help="'dense' forms each Jacobian, 'randomized' never does, 'auto' picks by size (default)",
+    )
+    align.add_argument(
+        "--coupling-samples",
+        type=_integer_at_least(0),
+        default=None,
+        help="samples that get cross-depth products U_j^T J_i V_j (default: all)",
+    )
+    align.add_argument("--seed", type=int, default=0, help="seed of the sample draw and the sketches")
+    align.add_argument("--no-progress", action="store_true", help="no progress bar")
+    align.set_defaults(handler=run_align)
+
+
+def select_samples(labels: Sequence[int] | None, total: int, count: int, seed: int = 0) -> list[int]:
+    """``count`` indices out of ``total``, shuffled with ``seed``, taken round-robin over classes.
+
+    Without labels, the first ``count`` of a seeded permutation. With labels, every class contributes in
+    turn, so that even two samples come from two classes (neural-collapse metrics need at least two).
+    """
+    order = np.random.default_rng(seed).permutation(total)
+    if labels is None:
+        return order[:count].tolist()
+    labels = np.asarray(labels)
+    queues = [order[labels[order] == value].tolist() for value in np.unique(labels)]
+    picked: list[int] = []
+    for position in range(max(len(queue) for queue in queues)):
+        for queue in queues:
+            if position < len(queue):
+                picked.append(queue[position])
+                if len(picked) == count:
+                    return picked
+    return picked
+
+
+def _as_channels(image: Any, channels: int) -> Any:
+    """A PIL image in the mode the model reads: RGB for 3 channels, grayscale for 1."""
+    mode = {1: "L", 3: "RGB"}.get(channels)
+    if mode is not None and hasattr(image, "mode") and image.mode != mode:
+        return image.convert(mode)
+    return image
+
+
+def _integer_labels(values: Sequence[Any]) -> np.ndarray:
+    """Integer class ids: as given when integral, else each value's rank among the sorted distinct ones."""
+    array = np.asarray(values)
+    if np.issubdtype(array.dtype, np.integer):
+        return array.astype(np.int64)
+    return np.unique(array.astype(str), return_inverse=True)[1].astype(np.int64)
+
+
+def _load_inputs(args: argparse.Namespace, model: Any, processor: Any) -> tuple[Any, Any, int | None, dict]:
+    """``(pixel_values, labels or None, num_classes or None, metadata)`` for the requested samples."""
+    from datasets import ClassLabel
+
+    from ..data import EMBEDDED_DATASET, load_image_dataset
+    from ..evaluation.features import default_image_processor, find_image_column, find_label_column
+
+    dataset_name = args.dataset or EMBEDDED_DATASET
+    dataset = load_image_dataset(dataset_name, split=args.split)
+    if len(dataset) == 0:
+        raise ValueError(f"split {args.split!r} of {dataset_name} is empty")
+    image_column = find_image_column(dataset)
+    label_column = find_label_column(dataset)
+    all_labels = None
+    if label_column is not None:
+        all_labels = _integer_labels(dataset[label_column])
+        if (all_labels < 0).any():  # e.g. hidden test labels stored as -1
+            print(f"note: column {label_column!r} holds negative labels; analysing without labels")
+            label_column, all_labels = None, None
+    indices = select_samples(all_labels, len(dataset), args.samples, args.seed)
+    if len(indices) < args.samples:
+        print(f"note: split {args.split!r} holds {len(dataset)} images; analysing all of them")
+    rows = dataset.select(indices)
+
+    channels = int(getattr(model.config, "num_channels", 3))
+    if processor is None:
+        processor = default_image_processor(model)
+        processor.image_mean = [0.5] * channels
+        processor.image_std = [0.5] * channels
+    images = [_as_channels(image, channels) for image in rows[image_column]]
+    pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"the image processor gave pixel_values of shape {tuple(pixel_values.shape)}; the model reads "
+            f"{channels} channel(s)"
+        )
+
+    num_classes = args.num_classes
+    labels = None
+    if all_labels is not None:
+        feature = dataset.features[label_column]
+        if num_classes is None:
+            num_classes = (
+                feature.num_classes if isinstance(feature, ClassLabel) else int(np.unique(all_labels).size)
+            )
+        labels = all_labels[indices]
+        if np.unique(labels).size < 2:
+            print("note: the samples cover one class only; neural-collapse metrics need two, left out")
+            labels = None
+    metadata = {
+        "dataset": dataset_name,
+        "split": args.split,
+        "revision": args.revision,
+        "image_column": image_column,
+        "label_column": label_column,
+    }
+    return pixel_values, labels, num_classes, metadata
+
+
+def _format(value: float | None, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _print_summary(report: Any, output: Path) -> None:
+    from .plots import REPORT_PLOTS
+
+    rows = [("block", "alpha", "s1", "rank", "|<u1,v1>|")]
+    saturated = False
+    for block in report.blocks:
+        mark = "*" if block.rank_saturated > 0 else ""
+        saturated = saturated or bool(mark)
+        rows.append(
+            (
+                block.name,
+                f"{block.alpha:.3f}",
+                f"{block.s1:.4g}",
+                f"{block.numerical_rank:.1f}{mark}",
+                _format(block.alignment[0] if block.alignment else None),
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
+    print(
+        f"residual alignment of {report.model}: {report.num_samples} samples, top-{report.top_k}, "
+        f"C = {report.num_classes if report.num_classes is not None else '?'}"
+    )
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [
+            cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
+        ]
+        print("  ".join(cells))
+    if saturated:
+        print(f"* rank reached top-k = {report.top_k} in some samples: the true rank may be higher")
+    summary = report.summary()
+    print(
+        f"RA1 line shape {_format(summary['ra1_line_shape'])} (1 = straight); "
+        f"RA2 alignment {_format(summary['ra2_alignment_top1'])} "
+        f"(chance {_format(summary['ra2_alignment_chance'])}), "
+        f"coupling diag {_format(summary['ra2_coupling_diag'])} "
+        f"(chance {_format(summary['ra2_coupling_chance'])}); "
+        f"RA3 top-C energy {_format(summary['ra3_energy_top_c'])}; "
+        f"NC1 {_format(summary['nc1'])}"
+    )
+    print(f"report: {output / 'report.json'}")
+    print(f"plots: {', '.join(str(output / name) for name in REPORT_PLOTS)}")
+
+
+def run_align(args: argparse.Namespace) -> int:
+    """Handler of ``hf-resdecay align``: load, preprocess, analyse, write and print; returns 0."""
+    import torch
+
+    from ..evaluation.features import load_encoder
+    from .diagnostics import run_alignment
+
+    model, processor = load_encoder(args.model, args.revision)
+    pixel_values, labels, num_classes, metadata = _load_inputs(args, model, processor)
+    wanted = getattr(torch, args.dtype)
+    parameter = next(model.parameters(), None)
+    dtype = None if parameter is not None and parameter.dtype == wanted else wanted
+    report = run_alignment(
+        model,
+        pixel_values,
+        labels,
+        samples=args.samples,
+        top_k=args.top_k,
+        output_dir=args.output,
+        progress=not args.no_progress,
+        metadata=metadata,
+        model_name=str(args.model),
+        num_classes=num_classes,
+        power_iters=args.power_iters,
+        dtype=dtype,
+        method=args.method,
+        coupling_samples=args.coupling_samples,
+        seed=args.seed,
+    )
+    _print_summary(report, Path(args.output))
+    return 0
