@@ -1,8 +1,12 @@
 """hf_resdecay: decayed identity shortcuts and residual-alignment analysis for the Hugging Face stack.
 
 Importing the package registers the decayed models with transformers' Auto classes, so
-``AutoModel.from_pretrained("org/vitmae-decay")`` works without naming a class.
+``AutoModel.from_pretrained("org/vitmae-decay")`` works without naming a class. The diffusers models
+(``UNet2DDecayModel``, ``DiTDecayTransformer2DModel``) are imported on first access, so diffusers stays an
+optional dependency (the ``diffusion`` extra).
 """
+
+from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
@@ -15,6 +19,22 @@ from .models import (
 from .shortcut import SHORTCUT_SCHEDULES, alpha_eff, shortcut_coefficients
 
 __version__ = "0.1.0"
+
+_DIFFUSERS_MODELS = ("DiTDecayTransformer2DModel", "UNet2DDecayModel")
+
+
+def __getattr__(name: str) -> Any:
+    """Import the diffusers models on first access (see the module docstring)."""
+    if name in _DIFFUSERS_MODELS:
+        from . import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """The module's names, the lazily imported ones included."""
+    return sorted([*globals(), *_DIFFUSERS_MODELS])
 
 
 def _register_auto_classes() -> None:

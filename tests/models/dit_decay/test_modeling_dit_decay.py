@@ -1,0 +1,227 @@
+import json
+import logging
+
+import pytest
+import torch
+from diffusers import DiTTransformer2DModel
+from diffusers.models.attention import BasicTransformerBlock
+
+from hf_resdecay import DiTDecayTransformer2DModel, shortcut_coefficients
+from hf_resdecay.models.dit_decay import DiTDecayBlock
+
+from .helpers import TINY, UPSTREAM
+
+
+def _inputs(config: dict = TINY, batch_size: int = 2) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    size = config["sample_size"]
+    return {
+        "hidden_states": torch.randn(batch_size, config["in_channels"], size, size, generator=generator),
+        "timestep": torch.tensor([10, 500][:batch_size]),
+        "class_labels": torch.tensor([3, 7][:batch_size]),
+    }
+
+
+def _randomise_gates(model: torch.nn.Module) -> None:
+    """A fresh DiT has zero adaLN-Zero gates and output head; give them weights so every path matters."""
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm1.linear" in name or "proj_out" in name:
+                parameter.normal_(std=0.2)
+
+
+def _upstream_and_ours(
+    config: dict = TINY, **decay
+) -> tuple[DiTTransformer2DModel, DiTDecayTransformer2DModel]:
+    """A random upstream DiT and a decayed one holding the same weights (the decayed extras left as built)."""
+    torch.manual_seed(0)
+    upstream = DiTTransformer2DModel(**config).eval()
+    _randomise_gates(upstream)
+    ours = DiTDecayTransformer2DModel(**config, **decay).eval()
+    missing, unexpected = ours.load_state_dict(upstream.state_dict(), strict=False)
+    assert unexpected == [] and all(name.startswith("long_skip_projections.") for name in missing)
+    return upstream, ours
+
+
+def test_upstream_settings_match_upstream():
+    upstream, ours = _upstream_and_ours(**UPSTREAM)
+    assert list(ours.state_dict()) == list(upstream.state_dict())
+    ours.load_state_dict(upstream.state_dict(), strict=True)
+    inputs = _inputs()
+    with torch.no_grad():
+        expected = upstream(**inputs).sample
+        torch.testing.assert_close(ours(**inputs).sample, expected, atol=1e-6, rtol=0)
+        _, decayed = _upstream_and_ours(shortcut_decay=0.2, long_skip_connections=False)
+        assert (decayed(**inputs).sample - expected).abs().max() > 1e-3
+
+
+def test_coefficients_run_over_all_sublayers_of_all_blocks():
+    for schedule in ("linear", "cosine", "constant"):
+        model = DiTDecayTransformer2DModel(**TINY, shortcut_decay=0.2, shortcut_schedule=schedule)
+        expected = shortcut_coefficients(2 * TINY["num_layers"], 0.2, schedule)
+        assert model.shortcut_coefficients == expected
+        for index, block in enumerate(model.transformer_blocks):
+            assert type(block) is DiTDecayBlock
+            assert (block.attention_alpha, block.mlp_alpha) == tuple(expected[2 * index : 2 * index + 2])
+    assert model.shortcut_coefficients[-1] == pytest.approx(0.8)
+    linear = DiTDecayTransformer2DModel(**TINY).shortcut_coefficients
+    assert linear[0] == 1.0 and linear[-1] == pytest.approx(0.8) and linear == sorted(linear, reverse=True)
+
+
+def test_decayed_block_computes_alpha_x_plus_gated_branch():
+    """Against upstream's block forward: each decayed addition removes (1 - alpha) * x from upstream's sum."""
+    _, model = _upstream_and_ours(**UPSTREAM)
+    block = model.transformer_blocks[1]
+    generator = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 16, 16, generator=generator)
+    conditioning = {"timestep": torch.tensor([10, 500]), "class_labels": torch.tensor([3, 7])}
+    mlp_inputs = []
+    handle = block.norm3.register_forward_pre_hook(lambda module, args: mlp_inputs.append(args[0]))
+    with torch.no_grad():
+        upstream = BasicTransformerBlock.forward(block, x, **conditioning)
+        torch.testing.assert_close(block(x, **conditioning), upstream, atol=0, rtol=0)
+
+        block.attention_alpha, block.mlp_alpha = 1.0, 0.7
+        got = block(x, **conditioning)
+        torch.testing.assert_close(got, upstream - 0.3 * mlp_inputs[-1], atol=1e-6, rtol=1e-6)
+
+        block.attention_alpha, block.mlp_alpha = 0.6, 1.0
+        block(x, **conditioning)
+        torch.testing.assert_close(mlp_inputs[-1], mlp_inputs[0] - 0.4 * x, atol=1e-6, rtol=1e-6)
+    handle.remove()
+
+
+@pytest.mark.parametrize("num_layers", [4, 5])
+def test_long_skips_mirror_the_encoder_half(num_layers):
+    config = dict(TINY, num_layers=num_layers)
+    _, model = _upstream_and_ours(config, shortcut_decay=0.2)
+    projections = model.long_skip_projections
+    assert len(projections) == num_layers // 2
+    with torch.no_grad():
+        for projection in projections:
+            projection.weight.normal_(std=0.3)
+            projection.bias.normal_(std=0.3)
+    block_inputs, block_outputs = {}, {}
+    for index, block in enumerate(model.transformer_blocks):
+        block.register_forward_pre_hook(lambda module, args, i=index: block_inputs.__setitem__(i, args[0]))
+        block.register_forward_hook(lambda module, args, out, i=index: block_outputs.__setitem__(i, out))
+    with torch.no_grad():
+        model(**_inputs(config))
+        first_decoder = num_layers - num_layers // 2
+        for index in range(1, num_layers):
+            expected = block_outputs[index - 1]
+            if index >= first_decoder:
+                mirrored = block_outputs[num_layers - 1 - index]
+                expected = expected + projections[index - first_decoder](mirrored)
+            torch.testing.assert_close(block_inputs[index], expected, msg=f"block {index}")
+
+
+def test_fresh_long_skips_are_zero_and_start_as_identity():
+    _, ours = _upstream_and_ours(shortcut_decay=0.2)
+    for projection in ours.long_skip_projections:
+        assert not projection.weight.any() and not projection.bias.any()
+    _, without = _upstream_and_ours(shortcut_decay=0.2, long_skip_connections=False)
+    inputs = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**inputs).sample, without(**inputs).sample, atol=0, rtol=0)
+
+
+def test_gradients_reach_the_skips_and_gradient_checkpointing_agrees():
+    _, model = _upstream_and_ours(shortcut_decay=0.2)
+    model.train()
+    inputs = _inputs()
+
+    def gradients() -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same class-label dropout (train mode) in both runs
+        model.zero_grad(set_to_none=True)
+        model(**inputs).sample.square().mean().backward()
+        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+
+    plain = gradients()
+    for name, grad in plain.items():
+        if "long_skip_projections" in name or "transformer_blocks" in name:
+            assert grad.abs().sum() > 0, name
+    model.enable_gradient_checkpointing()
+    checkpointed = gradients()
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("shortcut_decay", 1.5, r"shortcut_decay must be in \[0, 1\)"),
+        ("shortcut_decay", None, r"shortcut_decay must be a real number in \[0, 1\)"),
+        ("shortcut_schedule", "step", "shortcut_schedule must be one of 'linear', 'cosine', 'constant'"),
+    ],
+)
+def test_invalid_shortcut_settings_are_rejected(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        DiTDecayTransformer2DModel(**TINY, **{field: value})
+
+
+def test_save_and_load_round_trip(tmp_path):
+    _, model = _upstream_and_ours(shortcut_decay=0.3, shortcut_schedule="cosine")
+    with torch.no_grad():
+        for projection in model.long_skip_projections:
+            projection.weight.normal_(std=0.3)
+    model.save_pretrained(tmp_path)
+    files = {path.name for path in tmp_path.iterdir()}
+    assert files == {"config.json", "diffusion_pytorch_model.safetensors", "dit_decay.py", "shortcut.py"}
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["auto_map"] == {"AutoModel": "dit_decay.DiTDecayTransformer2DModel"}
+    assert (config["shortcut_decay"], config["shortcut_schedule"], config["long_skip_connections"]) == (
+        0.3,
+        "cosine",
+        True,
+    )
+    loaded, info = DiTDecayTransformer2DModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] == info["unexpected_keys"] == []
+    assert loaded.shortcut_coefficients == model.shortcut_coefficients
+    inputs = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**inputs).sample, model(**inputs).sample)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [True, False])
+def test_retrofit_a_stock_checkpoint(tmp_path, caplog, low_cpu_mem_usage):
+    torch.manual_seed(2)
+    stock = DiTTransformer2DModel(**TINY).eval()
+    _randomise_gates(stock)
+    stock.save_pretrained(tmp_path)
+    inputs = _inputs()
+    with caplog.at_level(logging.WARNING, logger="hf_resdecay.models.dit_decay"):
+        model, info = DiTDecayTransformer2DModel.from_pretrained(
+            tmp_path, shortcut_decay=0.2, low_cpu_mem_usage=low_cpu_mem_usage, output_loading_info=True
+        )
+    new = {name for name, _ in model.named_parameters() if name.startswith("long_skip_projections.")}
+    assert set(info["missing_keys"]) == new and len(new) == 4
+    assert info["unexpected_keys"] == info["mismatched_keys"] == []
+    assert "Retrofitted" in caplog.text and "long_skip_projections.0.weight" in caplog.text
+    stock_weights = stock.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name in new:
+            assert tensor.device.type == "cpu" and not tensor.any(), name
+        else:
+            torch.testing.assert_close(tensor, stock_weights[name], rtol=0, atol=0, msg=name)
+    assert model.shortcut_coefficients[-1] == pytest.approx(0.8)
+    with torch.no_grad():
+        expected = stock(**inputs).sample
+        assert (model(**inputs).sample - expected).abs().max() > 1e-3
+        # zero long skips and no decay: exactly the stock model
+        same = DiTDecayTransformer2DModel.from_pretrained(tmp_path, shortcut_decay=0.0)
+        torch.testing.assert_close(same(**inputs).sample, expected, atol=1e-6, rtol=0)
+
+
+def test_upstream_class_silently_drops_the_decay_and_skips(tmp_path):
+    upstream, ours = _upstream_and_ours(shortcut_decay=0.3)
+    ours.save_pretrained(tmp_path)
+    plain, info = DiTTransformer2DModel.from_pretrained(tmp_path, output_loading_info=True)
+    assert type(plain) is DiTTransformer2DModel and info["missing_keys"] == []
+    assert sorted(info["unexpected_keys"]) == sorted(
+        name for name in ours.state_dict() if name.startswith("long_skip_projections.")
+    )
+    inputs = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(**inputs).sample, upstream(**inputs).sample, atol=1e-6, rtol=0)
+        assert (plain(**inputs).sample - ours(**inputs).sample).abs().max() > 1e-3
