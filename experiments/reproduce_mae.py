@@ -1,0 +1,239 @@
+#!/usr/bin/env python
+"""Decayed vs plain MAE at CPU scale: train every variant with the real script, score it, publish a table.
+
+Each (variant, seed) is trained through ``accelerate launch training_scripts/train_mae.py`` on the embedded
+MNIST with the same budget, then scored with the package's evaluation API on fixed train/test subsets: DINO
+weighted kNN (k=20, T=0.07) and effective rank for every layer, the linear probe ("paper" protocol) on the
+last layer, and the masked-reconstruction loss on the test subset with fixed masks. Variants:
+
+- ``plain``: upstream ViTMAE (``shortcut_decay=0``, final LayerNorm, no zero init, no skips);
+- ``decay_0.3``, ``decay_0.4``: the released recipe (decay, no final LayerNorm, zero init, skips);
+- ``decay_0.3_no_skips``: decay without the encoder-to-decoder skips;
+- ``skips_no_decay``: the recipe with ``shortcut_decay=0``.
+
+Runs are resumable: a finished run (its ``scores.json``) is never redone, an interrupted one resumes from its
+last checkpoint. Output in ``--output``: ``results.json``, ``results.md`` (mean ± std over seeds) and
+``depth.png`` (kNN and effective rank against depth per variant).
+
+    python experiments/reproduce_mae.py                 # 5 variants x 3 seeds, about 80 minutes on 2 cores
+    python experiments/reproduce_mae.py --smoke         # tiny models and budget: checks the pipeline only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "training_scripts" / "train_mae.py"
+VARIANTS = {
+    "plain": [
+        "--shortcut_decay", "0", "--encoder_final_layernorm", "--no_zero_init_residual_branches",
+        "--no_decoder_skip_connections",
+    ],
+    "decay_0.3": ["--shortcut_decay", "0.3"],
+    "decay_0.4": ["--shortcut_decay", "0.4"],
+    "decay_0.3_no_skips": ["--shortcut_decay", "0.3", "--no_decoder_skip_connections"],
+    "skips_no_decay": ["--shortcut_decay", "0"],
+}  # fmt: skip
+SMOKE_MODEL = [
+    "--image_size", "16", "--patch_size", "4", "--hidden_size", "32", "--num_hidden_layers", "2",
+    "--num_attention_heads", "2", "--intermediate_size", "64", "--decoder_hidden_size", "16",
+    "--decoder_num_hidden_layers", "1", "--decoder_num_attention_heads", "2",
+    "--decoder_intermediate_size", "32", "--per_device_train_batch_size", "32", "--max_train_samples", "256",
+]  # fmt: skip
+METRICS = ("knn_top1", "linear_probe_top1", "effective_rank", "reconstruction_loss", "alpha_eff")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--output", type=Path, default=Path("experiments/results/mae"))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--max-train-steps", type=int, default=600, help="optimisation steps per run")
+    parser.add_argument("--eval-train-samples", type=int, default=5000, help="kNN bank / probe training set")
+    parser.add_argument("--eval-test-samples", type=int, default=2000)
+    parser.add_argument("--probe-epochs", type=int, default=100)
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--smoke", action="store_true", help="tiny models and budget (2 seeds, 4 steps)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.seeds, args.max_train_steps = args.seeds[:2], 4
+        args.eval_train_samples, args.eval_test_samples, args.probe_epochs = 200, 100, 5
+    for name in ("max_train_steps", "eval_train_samples", "eval_test_samples", "probe_epochs", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"--seeds must be distinct; got {args.seeds}")
+    return args
+
+
+def train(run_dir: Path, variant: str, seed: int, args: argparse.Namespace) -> None:
+    """One training run through ``accelerate launch``; resumes from its last checkpoint if interrupted."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--num_cpu_threads_per_process", str(args.threads), str(SCRIPT),
+        "--output_dir", str(run_dir), "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
+        "--eval_every", "0", "--checkpointing_steps", str(max(1, args.max_train_steps // 4)),
+        "--resume_from_checkpoint", "latest", *VARIANTS[variant], *(SMOKE_MODEL if args.smoke else []),
+    ]  # fmt: skip
+    log = run_dir.with_suffix(".log")
+    run_dir.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "a") as handle:
+        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+    if result.returncode != 0:
+        raise SystemExit(f"error: training {variant} (seed {seed}) failed; see {log}")
+
+
+def reconstruction_loss(run_dir: Path, images, batch_size: int = 256) -> float:
+    """Mean masked-reconstruction loss on ``images`` with masks fixed by a seeded generator."""
+    from transformers import AutoImageProcessor
+
+    from hf_resdecay import ViTMAEDecayForPreTraining
+
+    model = ViTMAEDecayForPreTraining.from_pretrained(run_dir).eval()
+    processor = AutoImageProcessor.from_pretrained(run_dir)
+    num_patches = model.vit.embeddings.patch_embeddings.num_patches
+    generator = torch.Generator().manual_seed(0)
+    channels = "RGB" if model.config.num_channels == 3 else "L"
+    losses = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = [image.convert(channels) for image in images[start : start + batch_size]]
+            pixels = processor(images=batch, return_tensors="pt")["pixel_values"]
+            noise = torch.rand(len(batch), num_patches, generator=generator)
+            losses.append(model(pixel_values=pixels, noise=noise).loss.item() * len(batch))
+    return sum(losses) / len(images)
+
+
+def score(run_dir: Path, train_set, test_set, args: argparse.Namespace) -> dict:
+    """Every number of one run, written atomically to ``scores.json`` (the mark of a finished run)."""
+    from hf_resdecay.atomic import write_json_atomic
+    from hf_resdecay.evaluation import evaluate_representations
+
+    results = evaluate_representations(
+        str(run_dir),
+        train_set,
+        test_set,
+        layers="all",
+        probe_epochs=args.probe_epochs,
+        cache=False,
+        progress=False,
+    )
+    trained = json.loads((run_dir / "results.json").read_text())
+    scores = {
+        **results["summary"],
+        "reconstruction_loss": reconstruction_loss(run_dir, test_set["image"]),
+        "alpha_eff": trained["model"]["alpha_eff"],
+        "final_train_loss": trained["final_loss"],
+        "knn_top1_per_layer": results["knn"]["top1"],
+        "effective_rank_per_layer": results["effective_rank"]["values"],
+        "layers": results["layers"],
+    }
+    write_json_atomic(scores, run_dir / "scores.json")
+    return scores
+
+
+def summarise(runs: dict[str, dict[int, dict]]) -> dict:
+    """Mean and sample standard deviation over seeds of every metric, per variant."""
+    summary = {}
+    for variant, by_seed in runs.items():
+        entry = {"seeds": sorted(by_seed)}
+        for metric in (*METRICS, "final_train_loss"):
+            values = [scores[metric] for scores in by_seed.values()]
+            entry[metric] = {
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": values,
+            }
+        for curve in ("knn_top1_per_layer", "effective_rank_per_layer"):
+            entry[curve] = np.mean([scores[curve] for scores in by_seed.values()], axis=0).tolist()
+        summary[variant] = entry
+    return summary
+
+
+def _mean_std(metric: dict, digits: int = 2) -> str:
+    return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
+
+
+def markdown_table(summary: dict) -> str:
+    header = "| variant | alpha_eff | kNN top-1 (%) | linear probe (%) | effective rank | recon. loss |"
+    lines = [header, "|---|---:|---:|---:|---:|---:|"]
+    for variant, entry in summary.items():
+        cells = [
+            _mean_std(entry["knn_top1"]),
+            _mean_std(entry["linear_probe_top1"]),
+            _mean_std(entry["effective_rank"]),
+            _mean_std(entry["reconstruction_loss"], 4),
+        ]
+        lines.append(f"| {variant} | {entry['alpha_eff']['mean']:.3g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from hf_resdecay.atomic import save_figure_atomic
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for variant, entry in summary.items():
+        layers = range(len(entry["knn_top1_per_layer"]))
+        axes[0].plot(layers, entry["knn_top1_per_layer"], marker="o", label=variant)
+        axes[1].plot(layers, entry["effective_rank_per_layer"], marker="o", label=variant)
+    for axis, label in zip(axes, ("kNN top-1 (%)", "effective rank (RankMe)"), strict=True):
+        axis.set_xlabel("layer (0 = embeddings)")
+        axis.set_ylabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].legend()
+    figure.suptitle("decayed vs plain MAE (mean over seeds)")
+    return save_figure_atomic(figure, path)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    from tqdm.auto import tqdm
+
+    from hf_resdecay.atomic import atomic_write, write_json_atomic
+    from hf_resdecay.data import load_image_dataset, subset
+
+    train_set = subset(load_image_dataset(split="train"), args.eval_train_samples, seed=1234)
+    test_set = subset(load_image_dataset(split="test"), args.eval_test_samples, seed=1234)
+    runs: dict[str, dict[int, dict]] = {}
+    pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
+    for variant, seed in tqdm(pairs, desc="runs", unit="run"):
+        run_dir = args.output / variant / f"seed-{seed}"
+        done = run_dir / "scores.json"
+        if not done.exists():
+            train(run_dir, variant, seed, args)
+            score(run_dir, train_set, test_set, args)
+        runs.setdefault(variant, {})[seed] = json.loads(done.read_text())
+    summary = summarise(runs)
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    write_json_atomic({"settings": settings, "variants": summary}, args.output / "results.json")
+    table = markdown_table(summary)
+    with atomic_write(args.output / "results.md") as handle:
+        handle.write(table)
+    plot(summary, args.output / "depth.png")
+    print(table)
+    print(
+        f"results: {args.output / 'results.json'}, {args.output / 'results.md'}, {args.output / 'depth.png'}"
+    )
+    return summary
+
+
+if __name__ == "__main__":
+    main()
