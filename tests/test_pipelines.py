@@ -13,6 +13,7 @@ from hf_resdecay import UNet2DDecayModel
 from hf_resdecay.pipelines import load_pipeline, make_pipeline_portable
 
 from .models.unet_2d_decay.helpers import TINY
+from .without_package import run_without_package
 
 LOAD = """
 import sys, torch
@@ -44,11 +45,7 @@ def test_portable_pipeline_from_the_hub_with_and_without_the_package(hub_server,
         [sys.executable, "-c", LOAD, "org/portable-ddpm"], capture_output=True, text=True
     )
     assert with_package.returncode == 0, with_package.stderr[-3000:]
-    hidden = "import sys; sys.modules['hf_resdecay'] = None\n" + LOAD
-    without = subprocess.run(
-        [sys.executable, "-c", hidden, "org/portable-ddpm"], capture_output=True, text=True
-    )
-    assert without.returncode == 0, without.stderr[-3000:]
+    without = run_without_package(LOAD, "org/portable-ddpm")
     assert with_package.stdout.split()[0] == "UNet2DDecayModel"
     assert without.stdout.split() == with_package.stdout.split()  # the same code and samples either way
     pipeline = load_pipeline("org/portable-ddpm", trust_remote_code=True)

@@ -1,9 +1,6 @@
 """Class-conditional DiT sampling, flow matching, pipeline save/load and remote code for the decayed DiT."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -14,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from hf_resdecay import DiTDecayTransformer2DModel
 
+from ...without_package import run_without_package
 from .helpers import TINY
 
 
@@ -107,14 +105,6 @@ def test_flow_matching_euler_sampling_and_training_step():
 # Runs in a fresh interpreter where `import hf_resdecay` fails: only the saved files provide the class.
 WITHOUT_PACKAGE = textwrap.dedent(
     """
-    import sys
-    sys.modules["hf_resdecay"] = None  # hide the installed package
-    try:
-        import hf_resdecay
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_resdecay is still importable")
     import json
     import torch
     from diffusers import AutoModel, DiTPipeline
@@ -154,22 +144,13 @@ def test_remote_code_without_the_package(tmp_path):
         "class_labels": torch.tensor([0, 9]),
     }
     save_file(inputs, tmp_path / "inputs.safetensors")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            WITHOUT_PACKAGE,
-            str(tmp_path / "checkpoint"),
-            str(tmp_path / "pipeline"),
-            str(tmp_path / "inputs.safetensors"),
-            str(tmp_path / "out.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_without_package(
+        WITHOUT_PACKAGE,
+        str(tmp_path / "checkpoint"),
+        str(tmp_path / "pipeline"),
+        str(tmp_path / "inputs.safetensors"),
+        str(tmp_path / "out.safetensors"),
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     got = load_file(tmp_path / "out.safetensors")
     with torch.no_grad():
         torch.testing.assert_close(got["sample"], model(**inputs).sample, atol=1e-6, rtol=0)

@@ -1,8 +1,5 @@
 """Remote code: the decayed UNet loaded by diffusers' AutoModel where hf_resdecay cannot be imported."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -13,20 +10,13 @@ from safetensors.torch import load_file, save_file
 
 from hf_resdecay import UNet2DDecayModel
 
+from ...without_package import run_without_package
 from .helpers import TINY
 
 # Runs in a fresh interpreter where `import hf_resdecay` fails: only the files saved with the checkpoint
 # can provide the class. Writes the outputs to a safetensors file.
 WITHOUT_PACKAGE = textwrap.dedent(
     """
-    import sys
-    sys.modules["hf_resdecay"] = None  # hide the installed package
-    try:
-        import hf_resdecay
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_resdecay is still importable")
     import json
     import torch
     from diffusers import AutoModel, DDPMPipeline
@@ -91,22 +81,13 @@ def test_remote_code_without_the_package(tmp_path):
     )
     inputs = _inputs()
     save_file(inputs, tmp_path / "inputs.safetensors")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            WITHOUT_PACKAGE,
-            str(tmp_path / "checkpoint"),
-            str(tmp_path / "pipeline"),
-            str(tmp_path / "inputs.safetensors"),
-            str(tmp_path / "out.safetensors"),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    run_without_package(
+        WITHOUT_PACKAGE,
+        str(tmp_path / "checkpoint"),
+        str(tmp_path / "pipeline"),
+        str(tmp_path / "inputs.safetensors"),
+        str(tmp_path / "out.safetensors"),
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     got = load_file(tmp_path / "out.safetensors")
     with torch.no_grad():
         expected = model(**inputs).sample

@@ -1,9 +1,6 @@
 """Auto classes, remote code and the Hub, driven over real HTTP against the local Hub server."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,20 +13,13 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_PRETRAINING_MAPPING
 
 from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining, ViTMAEDecayModel
 
+from ...without_package import run_without_package
 from .helpers import TINY
 
 # Runs in a fresh interpreter where `import hf_resdecay` fails: only the files saved with the checkpoint
 # can provide the classes. Writes the outputs of both Auto classes to a safetensors file.
 WITHOUT_PACKAGE = textwrap.dedent(
     """
-    import sys
-    sys.modules["hf_resdecay"] = None  # hide the installed package
-    try:
-        import hf_resdecay
-    except ImportError:
-        pass
-    else:
-        raise SystemExit("hf_resdecay is still importable")
     from safetensors.torch import load_file, save_file
     from transformers import AutoModel, AutoModelForPreTraining
 
@@ -69,21 +59,13 @@ def _model() -> ViTMAEDecayForPreTraining:
 
 def _run_without_package(source: str, tmp_path, pixel_values, noise) -> dict[str, torch.Tensor]:
     save_file({"pixel_values": pixel_values, "noise": noise}, tmp_path / "inputs.safetensors")
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            WITHOUT_PACKAGE,
-            source,
-            tmp_path / "inputs.safetensors",
-            tmp_path / "out.safetensors",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "HF_HUB_OFFLINE": "0"},
+    run_without_package(
+        WITHOUT_PACKAGE,
+        source,
+        tmp_path / "inputs.safetensors",
+        tmp_path / "out.safetensors",
+        env={"HF_HUB_OFFLINE": "0"},
     )
-    assert result.returncode == 0, result.stderr[-4000:]
     return load_file(tmp_path / "out.safetensors")
 
 
