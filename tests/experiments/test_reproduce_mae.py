@@ -6,25 +6,58 @@ Smoke data is too small for any claim: this checks that every number is produced
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
+from transformers import HfArgumentParser
 
-PATH = Path(__file__).resolve().parents[2] / "experiments" / "reproduce_mae.py"
+from hf_resdecay import alpha_eff, shortcut_coefficients
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def _experiment():
-    spec = importlib.util.spec_from_file_location("reproduce_mae", PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load(ROOT / "experiments" / "reproduce_mae.py")
+
+
+def _model_for(variant: str):
+    """The model ``train_mae.py`` builds from a variant's flags (default sizes), without training it."""
+    script = _load(ROOT / "training_scripts" / "train_mae.py")
+    flags = ["--output_dir", "unused", *_experiment().VARIANTS[variant]]
+    parser = HfArgumentParser((script.ModelArguments, script.DataArguments, script.TrainingArguments))
+    model_args, _, _ = parser.parse_args_into_dataclasses(args=flags)
+    return script.build_model(model_args, set())
+
+
+@pytest.mark.parametrize(("variant", "vit_b_decay"), [("decay_0.53", 0.3), ("decay_0.68", 0.4)])
+def test_matched_variants_give_vit_b_alpha_eff(variant, vit_b_decay):
+    """The investigation variants' claim: at the default depth they match ViT-B's (12 blocks) alpha_eff."""
+    model = _model_for(variant)
+    vit_b = alpha_eff(shortcut_coefficients(24, vit_b_decay))
+    assert model.config.num_hidden_layers == 6
+    assert alpha_eff(model.shortcut_coefficients) == pytest.approx(vit_b, rel=0.05)
+
+
+def test_cosine_variant_builds_a_cosine_schedule():
+    model = _model_for("decay_0.3_cosine")
+    assert model.shortcut_coefficients == shortcut_coefficients(12, 0.3, "cosine")
 
 
 def test_smoke_run_produces_every_number_and_resumes(tmp_path):
     experiment = _experiment()
     out = tmp_path / "mae"
     summary = experiment.main(["--smoke", "--output", str(out)])
-    assert list(summary) == list(experiment.VARIANTS)
+    assert list(summary) == list(experiment.DEFAULT_VARIANTS)
     for variant, entry in summary.items():
         assert entry["seeds"] == [0, 1]
         for metric in experiment.METRICS:
@@ -34,8 +67,10 @@ def test_smoke_run_produces_every_number_and_resumes(tmp_path):
     assert summary["plain"]["alpha_eff"]["mean"] == 1.0 and summary["decay_0.4"]["alpha_eff"]["mean"] < 1.0
     saved = json.loads((out / "results.json").read_text())
     assert saved["variants"]["decay_0.3"]["knn_top1"] == summary["decay_0.3"]["knn_top1"]
+    assert 0 <= saved["raw_pixels"]["knn_top1"] <= 100 and saved["raw_pixels"]["effective_rank"] >= 1
     table = (out / "results.md").read_text().splitlines()
-    assert len(table) == 2 + len(experiment.VARIANTS) and " ± " in table[2]
+    rows = 2 + len(experiment.DEFAULT_VARIANTS)
+    assert all(" ± " in line for line in table[2:rows]) and table[rows + 1].startswith("Raw pixels")
     with Image.open(out / "depth.png") as image:
         assert image.format == "PNG"
 
