@@ -11,7 +11,8 @@ last layer, and the masked-reconstruction loss on the test subset with fixed mas
 - ``decay_0.3_no_skips``: decay without the encoder-to-decoder skips;
 - ``skips_no_decay``: the recipe with ``shortcut_decay=0``;
 - for investigation only (``--variants``): ``decay_0.53`` and ``decay_0.68`` (this depth's decay for ViT-B's
-  ``alpha_eff`` at 0.3 and 0.4) and ``decay_0.3_cosine`` (the cosine schedule).
+  ``alpha_eff`` at 0.3 and 0.4), ``decay_0.3_cosine`` (the cosine schedule), ``decay_0.3_last_skip_only``
+  and ``plain_one_decoder_block`` (a one-block decoder: the decayed model keeps only the last block's skip).
 
 Runs are resumable: a finished run (its ``scores.json``) is never redone, an interrupted one resumes from its
 last checkpoint. Output in ``--output``: ``results.json``, ``results.md`` (mean ± std over seeds) and
@@ -52,6 +53,13 @@ VARIANTS = {
     "decay_0.53": ["--shortcut_decay", "0.53"],
     "decay_0.68": ["--shortcut_decay", "0.68"],
     "decay_0.3_cosine": ["--shortcut_decay", "0.3", "--shortcut_schedule", "cosine"],
+    # Skip layers: with one decoder block only the last encoder block feeds the decoder (one skip), as in
+    # plain MAE, where the decoder reads the last block alone; the plain twin has the same one-block decoder.
+    "decay_0.3_last_skip_only": ["--shortcut_decay", "0.3", "--decoder_num_hidden_layers", "1"],
+    "plain_one_decoder_block": [
+        "--shortcut_decay", "0", "--encoder_final_layernorm", "--no_zero_init_residual_branches",
+        "--no_decoder_skip_connections", "--decoder_num_hidden_layers", "1",
+    ],
 }  # fmt: skip
 DEFAULT_VARIANTS = ("plain", "decay_0.3", "decay_0.4", "decay_0.3_no_skips", "skips_no_decay")
 SMOKE_MODEL = [

@@ -79,3 +79,9 @@ def test_smoke_run_produces_every_number_and_resumes(tmp_path):
     again = experiment.main(["--smoke", "--output", str(out), "--variants", "decay_0.3"])
     assert weights.stat().st_mtime_ns == before  # finished runs are not redone
     assert again["decay_0.3"]["knn_top1"] == summary["decay_0.3"]["knn_top1"]
+
+
+def test_last_skip_only_variant_reads_the_last_encoder_block_alone():
+    model = _model_for("decay_0.3_last_skip_only")
+    assert model.config.num_decoder_skip_connections == 1 and model._skip_sources() == [5]
+    assert _model_for("plain_one_decoder_block").config.decoder_num_hidden_layers == 1
