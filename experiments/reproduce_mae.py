@@ -12,13 +12,14 @@ last layer, and the masked-reconstruction loss on the test subset with fixed mas
 - ``skips_no_decay``: the recipe with ``shortcut_decay=0``;
 - for investigation only (``--variants``): ``decay_0.53`` and ``decay_0.68`` (this depth's decay for ViT-B's
   ``alpha_eff`` at 0.3 and 0.4), ``decay_0.3_cosine`` (the cosine schedule), ``decay_0.3_last_skip_only``
-  and ``plain_one_decoder_block`` (a one-block decoder: the decayed model keeps only the last block's skip).
+  and ``plain_one_decoder_block`` (a one-block decoder: the decayed model keeps only the last block's skip),
+  ``decay_0.3_alone`` and ``decay_0.3_alone_one_decoder_block`` (the decay on upstream ViTMAE, no recipe).
 
 Runs are resumable: a finished run (its ``scores.json``) is never redone, an interrupted one resumes from its
 last checkpoint. Output in ``--output``: ``results.json``, ``results.md`` (mean ± std over seeds) and
 ``depth.png`` (kNN and effective rank against depth per variant).
 
-    python experiments/reproduce_mae.py                 # 5 variants x 3 seeds, about 80 minutes on 2 cores
+    python experiments/reproduce_mae.py                 # 5 variants x 3 seeds, 77 minutes on 2 cores
     python experiments/reproduce_mae.py --smoke         # tiny models and budget: checks the pipeline only
     python experiments/reproduce_mae.py --variants plain decay_0.53 --seeds 0 --output runs/investigate
 """
@@ -38,11 +39,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "training_scripts" / "train_mae.py"
+# Upstream ViTMAE: every part of the released recipe switched off.
+RECIPE_OFF = [
+    "--encoder_final_layernorm", "--no_zero_init_residual_branches", "--no_decoder_skip_connections",
+]  # fmt: skip
 VARIANTS = {
-    "plain": [
-        "--shortcut_decay", "0", "--encoder_final_layernorm", "--no_zero_init_residual_branches",
-        "--no_decoder_skip_connections",
-    ],
+    "plain": ["--shortcut_decay", "0", *RECIPE_OFF],
     "decay_0.3": ["--shortcut_decay", "0.3"],
     "decay_0.4": ["--shortcut_decay", "0.4"],
     "decay_0.3_no_skips": ["--shortcut_decay", "0.3", "--no_decoder_skip_connections"],
@@ -56,9 +58,11 @@ VARIANTS = {
     # Skip layers: with one decoder block only the last encoder block feeds the decoder (one skip), as in
     # plain MAE, where the decoder reads the last block alone; the plain twin has the same one-block decoder.
     "decay_0.3_last_skip_only": ["--shortcut_decay", "0.3", "--decoder_num_hidden_layers", "1"],
-    "plain_one_decoder_block": [
-        "--shortcut_decay", "0", "--encoder_final_layernorm", "--no_zero_init_residual_branches",
-        "--no_decoder_skip_connections", "--decoder_num_hidden_layers", "1",
+    "plain_one_decoder_block": ["--shortcut_decay", "0", *RECIPE_OFF, "--decoder_num_hidden_layers", "1"],
+    # The decay alone on upstream ViTMAE (final LayerNorm, default init, no skips), without the recipe.
+    "decay_0.3_alone": ["--shortcut_decay", "0.3", *RECIPE_OFF],
+    "decay_0.3_alone_one_decoder_block": [
+        "--shortcut_decay", "0.3", *RECIPE_OFF, "--decoder_num_hidden_layers", "1",
     ],
 }  # fmt: skip
 DEFAULT_VARIANTS = ("plain", "decay_0.3", "decay_0.4", "decay_0.3_no_skips", "skips_no_decay")
@@ -176,7 +180,10 @@ def pixel_reference(train_set, test_set) -> dict[str, float]:
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict:
-    """Mean and sample standard deviation over seeds of every metric, per variant."""
+    """Mean and sample standard deviation over seeds of every metric, per variant.
+
+    The standard deviation is ``None`` for a single seed: it is undefined there, not zero.
+    """
     summary = {}
     for variant, by_seed in runs.items():
         entry = {"seeds": sorted(by_seed)}
@@ -184,7 +191,7 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
             values = [scores[metric] for scores in by_seed.values()]
             entry[metric] = {
                 "mean": statistics.fmean(values),
-                "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "std": statistics.stdev(values) if len(values) > 1 else None,
                 "values": values,
             }
         for curve in ("knn_top1_per_layer", "effective_rank_per_layer"):
@@ -194,6 +201,8 @@ def summarise(runs: dict[str, dict[int, dict]]) -> dict:
 
 
 def _mean_std(metric: dict, digits: int = 2) -> str:
+    if metric["std"] is None:
+        return f"{metric['mean']:.{digits}f}"
     return f"{metric['mean']:.{digits}f} ± {metric['std']:.{digits}f}"
 
 
@@ -228,8 +237,10 @@ def plot(summary: dict, path: Path) -> Path:
         axis.set_xlabel("layer (0 = embeddings)")
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
-    axes[0].legend()
+    columns = min(3, len(summary))
+    figure.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=columns, frameon=False)
     figure.suptitle("decayed vs plain MAE (mean over seeds)")
+    figure.tight_layout(rect=(0, 0.06 * -(-len(summary) // columns), 1, 1))
     return save_figure_atomic(figure, path)
 
 

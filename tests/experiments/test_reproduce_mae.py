@@ -85,3 +85,22 @@ def test_last_skip_only_variant_reads_the_last_encoder_block_alone():
     model = _model_for("decay_0.3_last_skip_only")
     assert model.config.num_decoder_skip_connections == 1 and model._skip_sources() == [5]
     assert _model_for("plain_one_decoder_block").config.decoder_num_hidden_layers == 1
+
+
+def test_decay_alone_differs_from_plain_only_in_the_decay():
+    plain, alone = _model_for("plain").config.to_dict(), _model_for("decay_0.3_alone").config.to_dict()
+    differing = {key for key in plain if plain[key] != alone.get(key)}
+    assert differing == {"shortcut_decay"}, differing
+
+
+def test_one_seed_has_no_standard_deviation():
+    experiment = _experiment()
+    scores = {metric: 1.5 for metric in (*experiment.METRICS, "final_train_loss")}
+    scores |= {"knn_top1_per_layer": [1.0, 2.0], "effective_rank_per_layer": [3.0, 4.0]}
+    one = experiment.summarise({"plain": {0: scores}})
+    assert one["plain"]["knn_top1"]["std"] is None
+    row = experiment.markdown_table(one).splitlines()[2]
+    assert "±" not in row and "1.50" in row
+    two = experiment.summarise({"plain": {0: scores, 1: scores | {"knn_top1": 3.5}}})
+    assert two["plain"]["knn_top1"]["std"] == pytest.approx(2**0.5)
+    assert "2.50 ± 1.41" in experiment.markdown_table(two)
