@@ -4,8 +4,9 @@ The paper's diffusion backbone (SiT: DiT trained with flow matching) decays the 
 sublayer ``k`` (attention and MLP counted separately through the whole stack) computes
 ``x = alpha_k * x + gate * f(adaLN(x))`` with ``alpha_k`` from :func:`~hf_resdecay.shortcut_coefficients`,
 and adds U-ViT-style long skips: the first half of the blocks is the encoder, and each block of the second
-half first adds ``Linear(skip)`` of its mirrored encoder block's output. The skip projections start at
-zero, so a fresh or retrofitted model begins as the plain stack; adaLN-Zero gating is kept.
+half first adds ``Linear(skip)`` of its mirrored encoder block's output. A fresh model is initialised as the
+authors' SiT release initialises (xavier-uniform Linears, the skip projections included; zeroed adaLN and
+output head); a retrofitted stock checkpoint gets zero skip projections, so it starts as the stock stack.
 
 Saving writes ``auto_map`` and this file (plus ``shortcut.py``) next to the weights, for
 ``diffusers.AutoModel.from_pretrained(path, trust_remote_code=True)`` where ``hf_resdecay`` is not installed.
@@ -13,6 +14,7 @@ Saving writes ``auto_map`` and this file (plus ``shortcut.py``) next to the weig
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
@@ -90,9 +92,17 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
     Sublayer ``k`` of ``2 * num_layers`` (attention, MLP, attention, ...) computes
     ``x = alpha_k * x + gate * f(adaLN(x))``. With ``long_skip_connections``, block ``i`` of the second half
     first adds ``long_skip_projections[j](h)``, ``h`` the output of the mirrored block ``num_layers - 1 - i``
-    (with an odd ``num_layers`` the middle block has no skip). The projections are zero-initialised,
-    including when ``from_pretrained`` retrofits a stock DiT checkpoint, which then starts as the stock
-    model with decayed shortcuts. ``shortcut_decay=0`` without long skips is upstream exactly, same keys.
+    (with an odd ``num_layers`` the middle block has no skip). ``shortcut_decay=0`` without long skips is
+    upstream exactly, same keys.
+
+    A fresh model is initialised as the SiT release initialises (diffusers' own DiT keeps PyTorch's
+    default init): every ``Linear`` xavier-uniform with zero bias (query/key/value with the fan of SiT's
+    packed ``qkv`` matrix, the long-skip projections included), the patch embedding xavier over its
+    flattened kernel, timestep-MLP weights and the label table ``normal(0, 0.02)``, and the adaLN
+    modulations and the output head zero (adaLN-Zero). When ``from_pretrained`` retrofits a stock DiT
+    checkpoint the missing long-skip projections are zero instead, so the model starts as the stock one
+    with decayed shortcuts. diffusers gives every block its own timestep and label embedder where SiT shares
+    one; converted SiT weights are copied into each.
 
     Loading a decayed checkpoint into the plain [`DiTTransformer2DModel`] silently drops the decay (and
     the long skips): diffusers only logs unexpected config attributes and unused ``long_skip_projections``
@@ -117,6 +127,9 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
             One of ``"linear"`` (the paper), ``"cosine"``, ``"constant"``.
         long_skip_connections (`bool`, *optional*, defaults to `True`):
             U-ViT long skips from the first half of the blocks to the mirrored blocks of the second half.
+        timestep_freq_shift (`int`, *optional*, defaults to 1):
+            ``downscale_freq_shift`` of the sinusoidal timestep embedding: diffusers' DiT uses 1 (frequencies
+            ``exp(-ln(10000) k / (128 - 1))``); SiT and the original DiT code use 0 (``/ 128``).
     """
 
     _auto_class = "AutoModel"  # saved configs get auto_map {"AutoModel": "dit_decay.<this class>"}
@@ -143,8 +156,13 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
         shortcut_decay: float = 0.2,
         shortcut_schedule: str = "linear",
         long_skip_connections: bool = True,
+        timestep_freq_shift: int = 1,
     ):
         validate_shortcut_decay(shortcut_decay)
+        if timestep_freq_shift not in (0, 1):
+            raise ValueError(
+                f"timestep_freq_shift must be 0 (SiT) or 1 (diffusers); got {timestep_freq_shift!r}"
+            )
         validate_shortcut_schedule(shortcut_schedule)
         super().__init__(
             num_attention_heads=num_attention_heads,
@@ -169,14 +187,39 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
             block.__class__ = DiTDecayBlock  # same parameters and keys, decayed forward
             block.attention_alpha, block.mlp_alpha = alphas[2 * index], alphas[2 * index + 1]
 
+        for block in self.transformer_blocks:
+            block.norm1.emb.time_proj.downscale_freq_shift = timestep_freq_shift
+
         self.long_skip_projections = None
         if long_skip_connections:
             self.long_skip_projections = nn.ModuleList(
                 nn.Linear(self.inner_dim, self.inner_dim) for _ in range(num_layers // 2)
             )
-            for projection in self.long_skip_projections:
-                nn.init.zeros_(projection.weight)
-                nn.init.zeros_(projection.bias)
+        self._initialize_as_released()
+
+    @torch.no_grad()
+    def _initialize_as_released(self) -> None:
+        """SiT's initialisation (see the class docstring); on the meta device it only keeps the shapes."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        patch = self.pos_embed.proj
+        nn.init.xavier_uniform_(patch.weight.view(patch.weight.shape[0], -1))
+        nn.init.zeros_(patch.bias)
+        for block in self.transformer_blocks:
+            attention = block.attn1
+            bound = math.sqrt(6.0 / (attention.to_q.in_features + 3 * attention.to_q.out_features))
+            for projection in (attention.to_q, attention.to_k, attention.to_v):
+                nn.init.uniform_(projection.weight, -bound, bound)
+            embedder = block.norm1.emb
+            nn.init.normal_(embedder.class_embedder.embedding_table.weight, std=0.02)
+            for linear in (embedder.timestep_embedder.linear_1, embedder.timestep_embedder.linear_2):
+                nn.init.normal_(linear.weight, std=0.02)
+            for linear in (block.norm1.linear, self.proj_out_1, self.proj_out_2):
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
 
     @property
     def shortcut_coefficients(self) -> list[float]:

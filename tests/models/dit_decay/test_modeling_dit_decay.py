@@ -116,14 +116,45 @@ def test_long_skips_mirror_the_encoder_half(num_layers):
             torch.testing.assert_close(block_inputs[index], expected, msg=f"block {index}")
 
 
-def test_fresh_long_skips_are_zero_and_start_as_identity():
-    _, ours = _upstream_and_ours(shortcut_decay=0.2)
-    for projection in ours.long_skip_projections:
-        assert not projection.weight.any() and not projection.bias.any()
-    _, without = _upstream_and_ours(shortcut_decay=0.2, long_skip_connections=False)
+def test_fresh_model_initialises_as_sit():
+    """As SiT/models.py: xavier Linears (packed-qkv fan, long skips too), zero adaLN and head, N(0, .02)."""
+    torch.manual_seed(0)
+    width = 96
+    model = DiTDecayTransformer2DModel(**{**TINY, "attention_head_dim": width // 2, "num_layers": 8})
+    xavier = lambda fan_in, fan_out: (2.0 / (fan_in + fan_out)) ** 0.5  # noqa: E731
+    for projection in model.long_skip_projections:
+        assert projection.weight.std().item() == pytest.approx(xavier(width, width), rel=0.1)
+        assert not projection.bias.any()
+    block = model.transformer_blocks[3]
+    assert block.attn1.to_q.weight.std().item() == pytest.approx(xavier(width, 3 * width), rel=0.1)
+    assert block.ff.net[0].proj.weight.std().item() == pytest.approx(xavier(width, 4 * width), rel=0.1)
+    embedder = block.norm1.emb
+    assert embedder.class_embedder.embedding_table.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    assert embedder.timestep_embedder.linear_1.weight.std().item() == pytest.approx(0.02, rel=0.1)
+    patch = model.pos_embed.proj.weight
+    assert patch.std().item() == pytest.approx(xavier(patch[0].numel(), patch.shape[0]), rel=0.15)
+    for linear in (block.norm1.linear, model.proj_out_1, model.proj_out_2):
+        assert not linear.weight.any() and not linear.bias.any()
+    assert not model.pos_embed.proj.bias.any() and not block.attn1.to_out[0].bias.any()
+
+
+def test_timestep_frequency_shift_follows_the_config():
     inputs = _inputs()
+    inputs["timestep"] = torch.tensor([0.25, 0.75])
+    torch.manual_seed(0)
+    sit = DiTDecayTransformer2DModel(**TINY, timestep_freq_shift=0).eval()
+    _randomise_gates(sit)
+    assert all(b.norm1.emb.time_proj.downscale_freq_shift == 0 for b in sit.transformer_blocks)
+    embedding = sit.transformer_blocks[0].norm1.emb.time_proj(inputs["timestep"])
+    frequencies = torch.exp(-torch.log(torch.tensor(10000.0)) * torch.arange(128) / 128)
+    arguments = inputs["timestep"][:, None] * frequencies
+    torch.testing.assert_close(embedding, torch.cat([arguments.cos(), arguments.sin()], dim=-1))
+    diffusers_style = DiTDecayTransformer2DModel(**TINY).eval()
+    diffusers_style.load_state_dict(sit.state_dict())
     with torch.no_grad():
-        torch.testing.assert_close(ours(**inputs).sample, without(**inputs).sample, atol=0, rtol=0)
+        assert not torch.allclose(sit(**inputs).sample, diffusers_style(**inputs).sample)
+    with pytest.raises(ValueError, match="timestep_freq_shift must be 0"):
+        DiTDecayTransformer2DModel(**TINY, timestep_freq_shift=2)
 
 
 def test_gradients_reach_the_skips_and_gradient_checkpointing_agrees():

@@ -19,7 +19,9 @@ UPSTREAM_RECIPE = dict(
     encoder_final_layernorm=True,
     zero_init_residual_branches=False,
     decoder_skip_connections=False,
+    initializer="transformers",
+    layer_norm_eps=1e-12,
 )
-"""The decayed config's settings that reproduce upstream ViTMAE exactly."""
+"""The decayed config's settings that reproduce upstream ViTMAE exactly (its initialisation and eps too)."""
 
 NUM_PATCHES = (TINY["image_size"] // TINY["patch_size"]) ** 2

@@ -128,6 +128,49 @@ def test_zero_init_of_residual_branches_and_pixel_head():
     assert torch.count_nonzero(plain.decoder.decoder_pred.weight) > 0
 
 
+def _xavier_std(fan_in: int, fan_out: int) -> float:
+    return (2.0 / (fan_in + fan_out)) ** 0.5
+
+
+def test_fresh_recipe_model_initialises_as_released():
+    """Every Linear xavier-uniform (q/k/v with the packed qkv fan), zero biases, eps 1e-6."""
+    config = ViTMAEDecayConfig(**{**TINY, "hidden_size": 192, "intermediate_size": 768})
+    assert config.initializer == "mae" and config.layer_norm_eps == 1e-6
+    torch.manual_seed(0)
+    model = ViTMAEDecayForPreTraining(config)
+    checked = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or torch.count_nonzero(module.weight) == 0:
+            continue
+        fan_out = module.out_features * (
+            3 if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj") else 1
+        )
+        expected = _xavier_std(module.in_features, fan_out)
+        bound = expected * 3**0.5
+        assert module.weight.abs().max() <= bound + 1e-7, name
+        assert module.weight.std().item() == pytest.approx(expected, rel=0.15), name
+        assert torch.count_nonzero(module.bias) == 0, name
+        checked += 1
+    assert checked == 4 * 4 + 3 * 4 + 1 + 2  # q/k/v/fc1 of 4 + 3 blocks, decoder_embed, 2 skip proj_in
+    zeroed = [model.vit.layers[0].attention.o_proj, model.vit.layers[0].mlp.fc2, model.decoder.decoder_pred]
+    zeroed += [model.decoder.skip_layers[0].proj_out]
+    assert all(torch.count_nonzero(m.weight) == 0 and torch.count_nonzero(m.bias) == 0 for m in zeroed)
+    assert all(m.eps == 1e-6 for m in model.modules() if isinstance(m, torch.nn.LayerNorm))
+    for token in (model.vit.embeddings.cls_token, model.decoder.decoder_cls_token):
+        assert token.std().item() == pytest.approx(0.02, rel=0.5)
+    assert model.decoder.decoder_cls_token.shape == (1, 1, TINY["decoder_hidden_size"])
+    assert model.decoder.decoder_embed.in_features == TINY["decoder_hidden_size"]
+
+
+def test_transformers_initializer_draws_upstream_normal():
+    config = ViTMAEDecayConfig(**{**TINY, "hidden_size": 192}, initializer="transformers")
+    torch.manual_seed(0)
+    weight = ViTMAEDecayForPreTraining(config).vit.layers[0].attention.q_proj.weight
+    assert weight.std().item() == pytest.approx(config.initializer_range, rel=0.1)
+    with pytest.raises(ValueError, match="initializer must be one of 'mae', 'transformers'; got 'xavier'"):
+        ViTMAEDecayConfig(**TINY, initializer="xavier")
+
+
 def test_fresh_model_has_sincos_position_embeddings():
     model = ViTMAEDecayForPreTraining(ViTMAEDecayConfig(**TINY))
     grid = int(NUM_PATCHES**0.5)
@@ -160,8 +203,10 @@ def _manual_skip_decoder(model: ViTMAEDecayForPreTraining, pixel_values, noise) 
     order = torch.argsort(noise, dim=1)
     depth = config.num_hidden_layers
     sources = [depth - 1 - 2 * i for i in range(min((depth + 1) // 2, config.decoder_num_hidden_layers))]
-    x = decoder.decoder_embed(decoder.decoder_cls_token[0, 0]).expand(batch, NUM_PATCHES + 1, -1)
-    x = x + decoder.decoder_pos_embed
+    rows = [decoder.decoder_cls_token[0, 0]] + [
+        decoder.decoder_pos_embed[0, 1 + p] for p in range(NUM_PATCHES)
+    ]
+    x = torch.stack([decoder.decoder_embed(row) for row in rows]).expand(batch, -1, -1)
     for index, layer in enumerate(decoder.decoder_layers):
         if index < len(sources):
             skip_layer = decoder.skip_layers[index]
@@ -173,7 +218,7 @@ def _manual_skip_decoder(model: ViTMAEDecayForPreTraining, pixel_values, noise) 
                     full[b, 1 + patch] = skip_layer.mask_token[0, 0]
                 for rank in range(keep):
                     full[b, 1 + order[b, rank]] = source[b, 1 + rank]
-            hidden = F.silu(skip_layer.proj_in(torch.cat([x, full], dim=-1)))
+            hidden = F.silu(skip_layer.proj_in(torch.cat([full, x], dim=-1)))
             x = x + skip_layer.proj_out(hidden)
         x = layer(x)
     return decoder.decoder_pred(decoder.decoder_norm(x))[:, 1:]
@@ -309,15 +354,38 @@ def test_retrofit_a_stock_checkpoint(tmp_path, caplog):
     }
     assert info["missing_keys"] == new
     assert info["unexpected_keys"] == {"vit.layernorm.weight", "vit.layernorm.bias", "decoder.mask_token"}
-    assert info["mismatched_keys"] == set()
+    # upstream's decoder_embed reads the encoder latent (32 -> 16); the recipe's maps the decoder input
+    assert {entry[0] for entry in info["mismatched_keys"]} == {"decoder.decoder_embed.weight"}
     assert model.config.shortcut_decay == 0.3 and model.shortcut_coefficients[-1] == pytest.approx(0.7)
     stock_weights = stock.state_dict()
     for name, tensor in model.state_dict().items():
-        if name in stock_weights:
+        if name in stock_weights and not name.startswith("decoder.decoder_embed."):
             torch.testing.assert_close(
                 tensor, stock_weights[name], msg=name
             )  # zero init did not clobber them
     assert "Retrofitted" in caplog.text and "decoder.skip_layers.0.proj_in.weight" in caplog.text
+    assert "decoder.decoder_embed.weight" in caplog.text
+
+
+def test_retrofit_restarts_a_decoder_embed_of_matching_shape(tmp_path):
+    """With equal widths the stock decoder_embed fits the shape but not the role: it must start fresh."""
+    torch.manual_seed(4)
+    stock = ViTMAEForPreTraining(ViTMAEConfig(**{**TINY, "decoder_hidden_size": TINY["hidden_size"]}))
+    stock.save_pretrained(tmp_path)
+    model = ViTMAEDecayForPreTraining.from_pretrained(tmp_path, shortcut_decay=0.3)
+    assert not torch.equal(model.decoder.decoder_embed.weight, stock.decoder.decoder_embed.weight)
+    assert torch.count_nonzero(model.decoder.decoder_embed.bias) == 0
+    torch.testing.assert_close(model.vit.layers[0].mlp.fc1.weight, stock.vit.layers[0].mlp.fc1.weight)
+
+
+def test_other_size_mismatches_still_raise(tmp_path):
+    _recipe_model().save_pretrained(tmp_path)
+    with pytest.raises(RuntimeError, match=r"do not fit.*vit\.layers\.0\.mlp\.fc1\.weight"):
+        ViTMAEDecayForPreTraining.from_pretrained(tmp_path, intermediate_size=48)
+    model = ViTMAEDecayForPreTraining.from_pretrained(
+        tmp_path, intermediate_size=48, ignore_mismatched_sizes=True
+    )
+    assert model.vit.layers[0].mlp.fc1.weight.shape == (48, TINY["hidden_size"])
 
 
 def test_stock_checkpoint_with_upstream_settings_is_unchanged(tmp_path, pixel_values, noise):

@@ -9,13 +9,19 @@ except ImportError:  # loaded with trust_remote_code=True, next to a copy of sho
     from .shortcut import validate_shortcut_decay, validate_shortcut_schedule
 
 
+INITIALIZERS: tuple[str, ...] = ("mae", "transformers")
+"""Values of ``ViTMAEDecayConfig.initializer``: the release's xavier-uniform, or upstream ViTMAE's normal."""
+
+
 @strict
 class ViTMAEDecayConfig(ViTMAEConfig):
     r"""[`ViTMAEConfig`] plus the decayed-shortcut recipe of the authors' released MAE code.
 
     Encoder sublayer ``k`` (attention and MLP counted separately) computes ``x = alpha_k * x + f(LN(x))``
-    with ``alpha_k`` from [`~hf_resdecay.shortcut_coefficients`]. The defaults are the released recipe;
-    ``shortcut_decay=0`` with the three flags off is exactly upstream ViTMAE.
+    with ``alpha_k`` from [`~hf_resdecay.shortcut_coefficients`]. The defaults are the released recipe,
+    initialised as released (``initializer="mae"``, ``layer_norm_eps=1e-6``); ``shortcut_decay=0`` with
+    the three flags off computes exactly what upstream ViTMAE computes on the same weights (upstream's own
+    defaults are ``initializer="transformers"`` and ``layer_norm_eps=1e-12``).
 
     Args:
         shortcut_decay (`float`, *optional*, defaults to 0.3):
@@ -32,6 +38,14 @@ class ViTMAEDecayConfig(ViTMAEConfig):
             U-Net style encoder-to-decoder skips: the decoder starts from a learned token, and the
             outputs of every second encoder block (counted back from the last) feed the first decoder
             blocks in reverse order. The paper's ablation shows the decay needs them.
+        initializer (`str`, *optional*, defaults to `"mae"`):
+            How fresh weights are drawn. ``"mae"``: every ``Linear`` xavier-uniform with zero bias, the
+            query/key/value projections with the fan of MAE's packed ``qkv`` matrix, as the authors' release
+            and facebookresearch/mae initialise. ``"transformers"``: upstream ViTMAE's
+            ``normal(0, initializer_range)``. Both keep the sin-cos positions, the xavier patch embedding
+            and ``normal(0, 0.02)`` tokens.
+        layer_norm_eps (`float`, *optional*, defaults to 1e-6):
+            The release's LayerNorm epsilon (upstream ViTMAE defaults to 1e-12).
     """
 
     model_type = "vit_mae_decay"
@@ -41,15 +55,20 @@ class ViTMAEDecayConfig(ViTMAEConfig):
     encoder_final_layernorm: bool = False
     zero_init_residual_branches: bool = True
     decoder_skip_connections: bool = True
+    initializer: str = "mae"
+    layer_norm_eps: float = 1e-6
 
     def __post_init__(self, **kwargs):
         self.validate_shortcut()
         super().__post_init__(**kwargs)
 
     def validate_shortcut(self):
-        """Reject a ``shortcut_decay`` outside ``[0, 1)`` or an unknown ``shortcut_schedule``."""
+        """Reject a ``shortcut_decay`` outside ``[0, 1)``, or an unknown schedule or initializer."""
         validate_shortcut_decay(self.shortcut_decay)
         validate_shortcut_schedule(self.shortcut_schedule)
+        if self.initializer not in INITIALIZERS:
+            allowed = ", ".join(repr(name) for name in INITIALIZERS)
+            raise ValueError(f"initializer must be one of {allowed}; got {self.initializer!r}")
 
     @property
     def num_decoder_skip_connections(self) -> int:
@@ -59,4 +78,4 @@ class ViTMAEDecayConfig(ViTMAEConfig):
         return min((self.num_hidden_layers + 1) // 2, self.decoder_num_hidden_layers)
 
 
-__all__ = ["ViTMAEDecayConfig"]
+__all__ = ["INITIALIZERS", "ViTMAEDecayConfig"]

@@ -7,6 +7,7 @@ ships this code with every checkpoint. Everything else is transformers' own ViTM
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -18,6 +19,7 @@ from transformers.conversion_mapping import (
 )
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.vit_mae.modeling_vit_mae import (
+    ViTMAEAttention,
     ViTMAEDecoder,
     ViTMAEDecoderOutput,
     ViTMAEEmbeddings,
@@ -114,7 +116,7 @@ class ViTMAEDecayLayer(ViTMAELayer):
 
 
 class ViTMAEDecaySkipLayer(nn.Module):
-    """One encoder-to-decoder skip: ``x_dec += MLP(concat[x_dec, skip])``.
+    """One encoder-to-decoder skip: ``x_dec += MLP(concat[skip, x_dec])``, the skip first as released.
 
     The skip (an encoder block's output on the kept tokens) gets its masked positions filled with this
     layer's own learned mask token and is put back in patch order first. The MLP's last weight starts at
@@ -132,15 +134,17 @@ class ViTMAEDecaySkipLayer(nn.Module):
         self, hidden_states: torch.Tensor, skip: torch.Tensor, ids_restore: torch.Tensor
     ) -> torch.Tensor:
         skip = _restore_token_order(skip, self.mask_token, ids_restore)
-        return hidden_states + self.proj_out(self.act(self.proj_in(torch.cat([hidden_states, skip], dim=-1))))
+        return hidden_states + self.proj_out(self.act(self.proj_in(torch.cat([skip, hidden_states], dim=-1))))
 
 
 class ViTMAEDecayDecoder(ViTMAEDecoder):
     """Upstream MAE decoder (its blocks keep ``alpha = 1``) plus the optional encoder skips.
 
-    With skips the decoder input is ``decoder_embed`` of a learned decoder CLS token, broadcast to every
-    position, plus the decoder position embeddings; encoder information enters only through the skips,
-    and the upstream ``mask_token`` is not used (so it is not created).
+    With skips the decoder input is the release's: ``decoder_embed(concat[decoder_cls_token,
+    decoder_pos_embed[1:]])``, one token per position, where the CLS token has the decoder width and
+    ``decoder_embed`` maps decoder width to decoder width; no position embedding is added afterwards.
+    Encoder information enters only through the skips, and the upstream ``mask_token`` is not used (so it
+    is not created).
     """
 
     def __init__(self, config: ViTMAEDecayConfig, num_patches: int):
@@ -151,7 +155,9 @@ class ViTMAEDecayDecoder(ViTMAEDecoder):
         )
         if num_skips:
             del self.mask_token
-            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+            width = config.decoder_hidden_size
+            self.decoder_embed = nn.Linear(width, width, bias=True)
+            self.decoder_cls_token = nn.Parameter(torch.zeros(1, 1, width))
 
     def forward(
         self,
@@ -170,13 +176,11 @@ class ViTMAEDecayDecoder(ViTMAEDecoder):
                 f"skip_hidden_states must hold {len(self.skip_layers)} encoder block outputs; got "
                 f"{None if skip_hidden_states is None else len(skip_hidden_states)}"
             )
-        batch_size, sequence_length = hidden_states.shape[0], ids_restore.shape[1] + 1
-        start = self.decoder_embed(self.decoder_cls_token)
-        hidden_states = start.expand(batch_size, sequence_length, -1)
-        if interpolate_pos_encoding:
-            hidden_states = hidden_states + self.interpolate_pos_encoding(hidden_states)
-        else:
-            hidden_states = hidden_states + self.decoder_pos_embed
+        positions = self.decoder_pos_embed
+        if interpolate_pos_encoding:  # upstream's interpolation reads only the sequence length
+            positions = self.interpolate_pos_encoding(positions.new_empty(1, ids_restore.shape[1] + 1, 0))
+        tokens = torch.cat([self.decoder_cls_token, positions[:, 1:]], dim=1)
+        hidden_states = self.decoder_embed(tokens).expand(hidden_states.shape[0], -1, -1)
         for index, layer_module in enumerate(self.decoder_layers):
             if index < len(self.skip_layers):
                 hidden_states = self.skip_layers[index](hidden_states, skip_hidden_states[index], ids_restore)
@@ -209,9 +213,20 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """MAE initialisation plus the recipe's zero init; tensors already loaded are left alone."""
-        PreTrainedModel._init_weights(self, module)
-        zero_init = self.config.zero_init_residual_branches
+        """The configured initialisation plus the recipe's zero init; tensors already loaded are left alone.
+
+        Children are initialised before their parents, so a parent (the attention, a layer, the decoder)
+        can redraw what its children drew: the packed-``qkv`` fan, the zeroed branch outputs.
+        """
+        config = self.config
+        released = config.initializer == "mae"
+        if released and isinstance(module, nn.Linear):
+            init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        else:
+            PreTrainedModel._init_weights(self, module)
+        zero_init = config.zero_init_residual_branches
         if isinstance(module, ViTMAEEmbeddings):
             table = _sincos_position_embedding(
                 module.patch_embeddings.num_patches, module.position_embeddings.shape[-1]
@@ -220,7 +235,13 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
             weight = module.patch_embeddings.projection.weight
             if not getattr(weight, "_is_hf_initialized", False):  # a view below would lose the flag
                 init.xavier_uniform_(weight.view(weight.shape[0], -1))
-            init.normal_(module.cls_token, std=self.config.initializer_range)
+            init.normal_(module.cls_token, std=config.initializer_range)
+        elif isinstance(module, ViTMAEAttention) and released:
+            # MAE packs query, key and value into one (3 * width, width) Linear: xavier over that matrix.
+            width = module.q_proj.in_features
+            bound = math.sqrt(6.0 / (width + 3 * module.q_proj.out_features))
+            for projection in (module.q_proj, module.k_proj, module.v_proj):
+                init.uniform_(projection.weight, -bound, bound)
         elif isinstance(module, ViTMAEDecoder):
             num_patches = module.decoder_pos_embed.shape[1] - 1
             init.copy_(
@@ -229,7 +250,7 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
             )
             for name in ("mask_token", "decoder_cls_token"):
                 if hasattr(module, name):
-                    init.normal_(getattr(module, name), std=self.config.initializer_range)
+                    init.normal_(getattr(module, name), std=config.initializer_range)
             if zero_init:
                 init.zeros_(module.decoder_pred.weight)
                 init.zeros_(module.decoder_pred.bias)
@@ -238,8 +259,9 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
                 init.zeros_(projection.weight)
                 init.zeros_(projection.bias)
         elif isinstance(module, ViTMAEDecaySkipLayer):
-            init.normal_(module.mask_token, std=self.config.initializer_range)
+            init.normal_(module.mask_token, std=config.initializer_range)
             init.zeros_(module.proj_out.weight)
+            init.zeros_(module.proj_out.bias)
 
     def _check_pixel_values(
         self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None
@@ -285,15 +307,46 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
         """Load as transformers does; when a stock ViTMAE checkpoint is retrofitted, summarise what changed.
 
         ``ViTMAEDecayForPreTraining.from_pretrained("facebook/vit-mae-base", shortcut_decay=0.3)`` keeps every
-        stock weight, adds freshly initialised skip layers, and drops the tensors the recipe has no use for
-        (the final encoder LayerNorm, the upstream decoder mask token).
+        encoder and decoder-block weight, starts the skip layers and the decoder input (CLS token and
+        ``decoder_embed``, whose role differs from upstream's) fresh, and drops the tensors the recipe has no
+        use for (the final encoder LayerNorm, the upstream decoder mask token). Any other size mismatch
+        raises, as in transformers, unless ``ignore_mismatched_sizes=True``.
         """
         output_loading_info = kwargs.pop("output_loading_info", False)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         model, loading_info = super().from_pretrained(
-            pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
+            pretrained_model_name_or_path,
+            *model_args,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
+        retrofit = any(_is_recipe_parameter(name) for name in loading_info.get("missing_keys", ()))
+        mismatched = {entry[0] for entry in loading_info.get("mismatched_keys", ())}
+        unexpected_mismatches = mismatched - (set(_DECODER_INPUT_KEYS) if retrofit else set())
+        if unexpected_mismatches and not ignore_mismatched_sizes:
+            raise RuntimeError(
+                f"{pretrained_model_name_or_path}: checkpoint tensors do not fit "
+                f"{cls.__name__}({model.config.to_diff_dict()}): {', '.join(sorted(unexpected_mismatches))}. "
+                "Pass ignore_mismatched_sizes=True to initialise them afresh."
+            )
+        if retrofit:
+            model._restart_decoder_input(mismatched)
         _report_retrofit(model, pretrained_model_name_or_path, loading_info)
         return (model, loading_info) if output_loading_info else model
+
+    def _restart_decoder_input(self, already_fresh: set[str]) -> None:
+        """Redraw a ``decoder_embed`` loaded from a checkpoint without skips (there it read the latent)."""
+        decoder = getattr(self, "decoder", None)
+        if decoder is None or all(key in already_fresh for key in _DECODER_INPUT_KEYS):
+            return
+        for parameter in decoder.decoder_embed.parameters():
+            parameter._is_hf_initialized = False
+        self._init_weights(decoder.decoder_embed)
+
+
+_DECODER_INPUT_KEYS = ("decoder.decoder_embed.weight", "decoder.decoder_embed.bias")
+"""With skips, ``decoder_embed`` maps the decoder CLS token and positions; a stock one maps the latent."""
 
 
 def _is_recipe_parameter(name: str) -> bool:
@@ -308,12 +361,13 @@ def _report_retrofit(
     new = sorted(name for name in loading_info.get("missing_keys", ()) if _is_recipe_parameter(name))
     if not new:
         return
+    new = sorted({*new, *_DECODER_INPUT_KEYS})
     unused = sorted(loading_info.get("unexpected_keys", ()))
     logger.warning(
         f"Retrofitted {source} into {type(model).__name__} with shortcut_decay={model.config.shortcut_decay} "
-        f"({model.config.shortcut_schedule} schedule). Freshly initialised skip-layer tensors ({len(new)}): "
-        f"{', '.join(new)}. Checkpoint tensors the recipe does not use ({len(unused)}): "
-        f"{', '.join(unused) or 'none'}."
+        f"({model.config.shortcut_schedule} schedule). Freshly initialised decoder-input and skip-layer "
+        f"tensors ({len(new)}): {', '.join(new)}. Checkpoint tensors the recipe does not use "
+        f"({len(unused)}): {', '.join(unused) or 'none'}."
     )
 
 
