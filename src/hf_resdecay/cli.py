@@ -1,8 +1,12 @@
-"""The ``hf-resdecay`` command: ``evaluate`` scores a checkpoint, ``align`` measures residual alignment.
+"""The ``hf-resdecay`` command: ``evaluate`` scores a checkpoint, ``align`` measures residual alignment,
+``convert`` turns a released checkpoint into a ``save_pretrained`` folder.
 
 ``hf-resdecay evaluate MODEL_ID_OR_DIR --dataset DATASET --metrics knn,linear_probe,effective_rank``
 scores a checkpoint's frozen representations, prints a table, writes JSON and a depth plot, and with
 ``--update-card`` records the results in the model card (``--push`` publishes the card to the Hub).
+
+``hf-resdecay convert SRC DST --format {decay-mae,mae,sit}`` converts the authors' decayed MAE, a
+facebookresearch/mae checkpoint or the authors' SiT, and prints which tensors were mapped, dropped or fresh.
 """
 
 from __future__ import annotations
@@ -115,7 +119,125 @@ def build_parser() -> argparse.ArgumentParser:
     from .alignment.command import add_align_command
 
     add_align_command(commands)
+    _add_convert_command(commands)
     return parser
+
+
+_CONVERT_OPTIONS: dict[str, dict[str, str]] = {
+    "decay-mae": {
+        "min_decay": "min_decay",
+        "num_attention_heads": "num_attention_heads",
+        "decoder_num_attention_heads": "decoder_num_attention_heads",
+        "mask_ratio": "mask_ratio",
+        "norm_pix_loss": "norm_pix_loss",
+    },
+    "mae": {
+        "shortcut_decay": "shortcut_decay",
+        "full_recipe": "full_recipe",
+        "num_attention_heads": "num_attention_heads",
+        "decoder_num_attention_heads": "decoder_num_attention_heads",
+        "mask_ratio": "mask_ratio",
+        "norm_pix_loss": "norm_pix_loss",
+    },
+    "sit": {
+        "min_decay": "min_sigma",
+        "num_attention_heads": "num_attention_heads",
+        "num_classes": "num_classes",
+        "keep_sigma": "keep_sigma",
+    },
+}
+"""For each ``--format``: the command-line options it takes and the converter argument each one sets."""
+
+
+def _add_convert_command(commands) -> None:
+    """Register ``hf-resdecay convert``."""
+    from .convert import FORMATS
+
+    convert = commands.add_parser(
+        "convert",
+        help="convert a released checkpoint (decayed MAE, MAE, SiT) into a save_pretrained folder",
+        description="Convert a released PyTorch checkpoint into a save_pretrained folder of hf_resdecay's "
+        "models, and print which tensors were mapped, dropped (with the reason) or start fresh. The file is "
+        "read with torch.load(weights_only=True): it cannot run code.",
+    )
+    convert.add_argument("source", type=Path, help="checkpoint file (.pth, .pt, or .safetensors)")
+    convert.add_argument("destination", type=Path, help="output folder (must be empty unless --overwrite)")
+    convert.add_argument(
+        "--format",
+        required=True,
+        choices=FORMATS,
+        help="decay-mae: the authors' decayed MAE; mae: facebookresearch/mae; sit: the authors' SiT",
+    )
+    convert.add_argument(
+        "--min-decay",
+        "--min-sigma",
+        dest="min_decay",
+        type=float,
+        default=None,
+        help="decay-mae, sit: alpha_min the model was trained with (the release's --min_decay or "
+        "--min-sigma); default: the checkpoint's saved args",
+    )
+    convert.add_argument(
+        "--shortcut-decay",
+        type=float,
+        default=None,
+        help="mae: retrofit decayed encoder shortcuts, 1 - alpha_min in [0, 1) (default 0: plain MAE)",
+    )
+    convert.add_argument(
+        "--full-recipe",
+        action="store_true",
+        help="mae: also drop the final encoder LayerNorm and use the recipe's skip decoder (fresh skips)",
+    )
+    convert.add_argument(
+        "--num-attention-heads", type=_positive, default=None, help="default: the standard table by width"
+    )
+    convert.add_argument(
+        "--decoder-num-attention-heads", type=_positive, default=None, help="decay-mae, mae: default 16"
+    )
+    convert.add_argument(
+        "--mask-ratio", type=float, default=None, help="decay-mae, mae: default saved args or 0.75"
+    )
+    convert.add_argument(
+        "--norm-pix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decay-mae, mae: default saved args or off",
+    )
+    convert.add_argument("--num-classes", type=_positive, default=None, help="sit: default saved args")
+    convert.add_argument(
+        "--keep-sigma",
+        action="store_true",
+        help="sit: keep the learned-sigma output channels (the release's forward discards them)",
+    )
+    convert.add_argument(
+        "--overwrite", action="store_true", help="replace the files of a non-empty destination"
+    )
+    convert.set_defaults(handler=run_convert)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+
+    accepted = _CONVERT_OPTIONS[args.format]
+    options = {}
+    for dest in sorted({name for names in _CONVERT_OPTIONS.values() for name in names}):
+        value = getattr(args, dest)
+        if value is None or value is False:
+            continue
+        if dest not in accepted:
+            formats = ", ".join(name for name, names in _CONVERT_OPTIONS.items() if dest in names)
+            raise ValueError(f"--{dest.replace('_', '-')} applies to --format {formats} only")
+        options[accepted[dest]] = value
+    try:
+        report = convert_checkpoint(
+            args.source, args.destination, args.format, overwrite=args.overwrite, **options
+        )
+    except (FileNotFoundError, FileExistsError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    print(f"saved: {args.destination}")
+    return 0
 
 
 def _print_table(results: dict) -> None:
