@@ -47,6 +47,7 @@ from hf_resdecay.training import (
     push_final_model,
     push_folder,
     resume_state,
+    run_settings,
     save_checkpoint,
     step_rng,
 )
@@ -130,6 +131,8 @@ def build_model(model_args: ModelArguments, channels: int, num_classes: int | No
         attention_head_dim=model_args.attention_head_dim,
         patch_size=model_args.patch_size,
         num_embeds_ada_norm=num_classes or 1,
+        norm_eps=1e-6,  # SiT's LayerNorms and timestep frequencies (diffusers' DiT: 1e-5 and shift 1)
+        timestep_freq_shift=0,
         **decay,
     )
 
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{len(train)} training images ({channels} channel(s), {num_classes or 'no'} classes), {total_steps} "
         f"steps ({epochs} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
         f"{unwrapped.config.shortcut_decay}, alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
-        f"objective {args.objective}"
+        f"objective {args.objective}; run {run_settings(accelerator, args.learning_rate, global_batch)}"
     )
 
     step, last_loss = start_step, float("nan")
@@ -330,7 +333,8 @@ def main(argv: list[str] | None = None) -> None:
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                lr_schedule.step()
+                if accelerator.sync_gradients:  # once per optimizer step, not per micro-batch
+                    lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -362,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
 
     if accelerator.is_main_process:
         results = {"final_loss": last_loss, "steps": step, "epochs": epochs, "summary": {}}
+        results["run"] = run_settings(accelerator, args.learning_rate, global_batch)
         if ema is not None:
             ema.copy_to(unwrapped.parameters())  # the saved model is the EMA model
         sampler = make_scheduler(args.objective, args.num_train_timesteps)

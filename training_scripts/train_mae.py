@@ -48,6 +48,7 @@ from hf_resdecay.training import (
     push_final_model,
     push_folder,
     resume_state,
+    run_settings,
     save_checkpoint,
     step_rng,
 )
@@ -228,6 +229,8 @@ def render_card(
                 "encoder_final_layernorm",
                 "zero_init_residual_branches",
                 "decoder_skip_connections",
+                "initializer",
+                "layer_norm_eps",
                 "image_size",
                 "patch_size",
                 "hidden_size",
@@ -312,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(
         f"{len(train)} training images, {total_steps} steps ({epochs} epochs), global batch {global_batch}, "
         f"lr {learning_rate:.3g}; shortcut_decay={config.shortcut_decay} ({config.shortcut_schedule}), "
-        f"alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}"
+        f"alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
+        f"run {run_settings(accelerator, learning_rate, global_batch)}"
     )
 
     knn_history = []
@@ -339,7 +343,8 @@ def main(argv: list[str] | None = None) -> None:
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
-                scheduler.step()
+                if accelerator.sync_gradients:  # once per optimizer step, not per micro-batch
+                    scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
             if not accelerator.sync_gradients:
                 continue
@@ -375,6 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     progress.close()
 
     results: dict = {"final_loss": last_loss, "steps": step, "epochs": epochs, "knn_history": knn_history}
+    results["run"] = run_settings(accelerator, learning_rate, global_batch)
     if accelerator.is_main_process:
         results["summary"] = {}
         if has_labels:

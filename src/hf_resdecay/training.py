@@ -72,7 +72,10 @@ class CommonTrainingArguments:
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     max_grad_norm: float | None = None
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    mixed_precision: str | None = field(
+        default=None,
+        metadata={"help": "no | fp16 | bf16; default: what `accelerate launch` or its config says"},
+    )
     report_to: str = field(default="none", metadata={"help": "tensorboard | wandb | none"})
     logging_steps: int = 20
     checkpointing_steps: int | None = None
@@ -93,7 +96,7 @@ class CommonTrainingArguments:
             raise ValueError(f"--hub_strategy must be 'end' or 'checkpoint'; got {self.hub_strategy!r}")
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. org/vitmae-decay)")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
+        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
             raise ValueError(f"--mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
         if self.report_to not in ("none", "tensorboard", "wandb"):
             raise ValueError(f"--report_to must be none, tensorboard or wandb; got {self.report_to!r}")
@@ -133,6 +136,18 @@ def make_accelerator(args: CommonTrainingArguments):
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
     )
+
+
+def run_settings(accelerator, learning_rate: float, global_batch: int) -> dict:
+    """What the run really uses, whatever the flags, launcher and config said: printed at the start and
+    written to ``results.json`` under ``"run"``."""
+    return {
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "global_batch": global_batch,
+        "learning_rate": learning_rate,
+    }
 
 
 def load_splits(data_args: DataArguments):

@@ -8,30 +8,26 @@ import time
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "training_scripts"
-LAUNCH = [
-    sys.executable,
-    "-m",
-    "accelerate.commands.launch",
-    "--num_machines",
-    "1",
-    "--mixed_precision",
-    "no",
-    "--dynamo_backend",
-    "no",
-]
+LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
 
 
-def launch_command(script: str, args: list[str], processes: int = 1) -> list[str]:
+def launch_command(script: str, args: list[str], processes: int = 1, precision: str = "no") -> list[str]:
     extra = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
-    return [*LAUNCH, *extra, str(SCRIPTS / script), *args]
+    return [*LAUNCH, "--mixed_precision", precision, *extra, str(SCRIPTS / script), *args]
 
 
 def launch(
-    script: str, args: list[str], processes: int = 1, env: dict | None = None, check: bool = True
+    script: str,
+    args: list[str],
+    processes: int = 1,
+    env: dict | None = None,
+    check: bool = True,
+    precision: str = "no",
 ) -> subprocess.CompletedProcess:
-    """``accelerate launch training_scripts/<script> <args>``; with ``check``, fail on a non-zero exit."""
+    """``accelerate launch --mixed_precision <precision> training_scripts/<script> <args>``; with ``check``,
+    fail on a non-zero exit."""
     result = subprocess.run(
-        launch_command(script, args, processes),
+        launch_command(script, args, processes, precision),
         capture_output=True,
         text=True,
         env={**os.environ, **(env or {})},

@@ -1,6 +1,7 @@
 """``accelerate launch training_scripts/train_mae.py`` end to end, on the embedded MNIST, tiny models."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -46,8 +47,57 @@ TINY = [
 ]
 
 
-def _launch(*args, processes: int = 1, env: dict | None = None, check: bool = True):
-    return launch("train_mae.py", [*TINY, *args], processes=processes, env=env, check=check)
+def _launch(*args, processes: int = 1, env: dict | None = None, check: bool = True, precision: str = "no"):
+    return launch(
+        "train_mae.py", [*TINY, *args], processes=processes, env=env, check=check, precision=precision
+    )
+
+
+def _lr_by_step(output_dir) -> dict[int, float]:
+    lines = (output_dir / "logs" / "metrics.jsonl").read_text().splitlines()
+    return {row["step"]: row["lr"] for row in map(json.loads, lines) if "lr" in row}
+
+
+def test_accumulation_keeps_the_schedule_and_the_launcher_sets_the_precision(tmp_path):
+    """Batch 32 x 1 and 8 x 4 (same global batch): same optimizer steps, same warmup + cosine lr per step."""
+    common = [
+        "--num_train_epochs",
+        "2",
+        "--warmup_epochs",
+        "0.5",
+        "--logging_steps",
+        "1",
+        "--eval_every",
+        "0",
+    ]
+    runs = {}
+    for batch, accumulation in ((32, 1), (8, 4)):
+        out = tmp_path / f"accumulate-{accumulation}"
+        _launch(
+            *common,
+            "--output_dir",
+            str(out),
+            "--per_device_train_batch_size",
+            str(batch),
+            "--gradient_accumulation_steps",
+            str(accumulation),
+            precision="bf16" if accumulation == 4 else "no",
+        )
+        runs[accumulation] = (_lr_by_step(out), json.loads((out / "results.json").read_text()))
+    (lr_1, results_1), (lr_4, results_4) = runs[1], runs[4]
+    assert results_1["steps"] == results_4["steps"] == 16  # 256 images / 32 per step, 2 epochs
+    assert sorted(lr_1) == sorted(lr_4) == list(range(1, 17))
+    peak = results_1["run"]["learning_rate"]
+    for step in range(1, 17):  # lr after `step` optimizer steps: 4 warmup steps, then cosine to 0 at 16
+        expected = peak * step / 4 if step < 4 else peak * 0.5 * (1 + math.cos(math.pi * (step - 4) / 12))
+        assert lr_1[step] == pytest.approx(expected, abs=1e-12) and lr_4[step] == pytest.approx(
+            expected, abs=1e-12
+        )
+    assert results_1["run"] == {**results_4["run"], "mixed_precision": "no", "gradient_accumulation_steps": 1}
+    assert (
+        results_4["run"]["mixed_precision"] == "bf16" and results_4["run"]["gradient_accumulation_steps"] == 4
+    )
+    assert results_4["run"]["global_batch"] == 32
 
 
 def test_train_push_and_load_from_the_hub(hub_server, tmp_path):
