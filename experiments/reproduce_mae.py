@@ -22,6 +22,7 @@ last checkpoint. Output in ``--output``: ``results.json``, ``results.md`` (mean 
     python experiments/reproduce_mae.py                 # 5 variants x 3 seeds, 77 minutes on 2 cores
     python experiments/reproduce_mae.py --smoke         # tiny models and budget: checks the pipeline only
     python experiments/reproduce_mae.py --variants plain decay_0.53 --seeds 0 --output runs/investigate
+    python experiments/reproduce_mae.py --dataset embedded:cluttered-mnist --image-size 48 --output runs/cl
 """
 
 from __future__ import annotations
@@ -80,6 +81,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--output", type=Path, default=Path("runs/reproduce_mae"))
+    parser.add_argument(
+        "--dataset",
+        default="embedded:mnist",
+        help="training and evaluation images: embedded:mnist, embedded:cluttered-mnist, a Hub id or a folder",
+    )
+    parser.add_argument(
+        "--image-size", type=int, default=None, help="model input size (default: the script's, 28)"
+    )
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-train-steps", type=int, default=600, help="optimisation steps per run")
@@ -95,25 +104,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("max_train_steps", "eval_train_samples", "eval_test_samples", "probe_epochs", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1; got {getattr(args, name)}")
+    if args.image_size is not None and args.image_size < 1:
+        parser.error(f"--image-size must be >= 1; got {args.image_size}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must be distinct; got {args.seeds}")
     return args
 
 
-def train(run_dir: Path, variant: str, seed: int, args: argparse.Namespace) -> None:
-    """One training run through ``accelerate launch``; resumes from its last checkpoint if interrupted."""
-    command = [
+def train_command(run_dir: Path, variant: str, seed: int, args: argparse.Namespace) -> list[str]:
+    """``accelerate launch training_scripts/train_mae.py ...`` for one (variant, seed)."""
+    size = ["--image_size", str(args.image_size)] if args.image_size else []
+    return [
         sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no",
         "--num_cpu_threads_per_process", str(args.threads), str(SCRIPT),
         "--output_dir", str(run_dir), "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
         "--eval_every", "0", "--checkpointing_steps", str(max(1, args.max_train_steps // 4)),
-        "--resume_from_checkpoint", "latest", *VARIANTS[variant], *(SMOKE_MODEL if args.smoke else []),
+        "--resume_from_checkpoint", "latest", "--dataset_name", args.dataset, *size,
+        *VARIANTS[variant], *(SMOKE_MODEL if args.smoke else []),
     ]  # fmt: skip
+
+
+def train(run_dir: Path, variant: str, seed: int, args: argparse.Namespace) -> None:
+    """One training run through ``accelerate launch``; resumes from its last checkpoint if interrupted."""
     log = run_dir.with_suffix(".log")
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "a") as handle:
-        result = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            train_command(run_dir, variant, seed, args), stdout=handle, stderr=subprocess.STDOUT
+        )
     if result.returncode != 0:
         raise SystemExit(f"error: training {variant} (seed {seed}) failed; see {log}")
 
@@ -251,8 +270,8 @@ def main(argv: list[str] | None = None) -> dict:
     from hf_resdecay.atomic import atomic_write, write_json_atomic
     from hf_resdecay.data import load_image_dataset, subset
 
-    train_set = subset(load_image_dataset(split="train"), args.eval_train_samples, seed=1234)
-    test_set = subset(load_image_dataset(split="test"), args.eval_test_samples, seed=1234)
+    train_set = subset(load_image_dataset(args.dataset, split="train"), args.eval_train_samples, seed=1234)
+    test_set = subset(load_image_dataset(args.dataset, split="test"), args.eval_test_samples, seed=1234)
     runs: dict[str, dict[int, dict]] = {}
     pairs = [(variant, seed) for variant in args.variants for seed in args.seeds]
     for variant, seed in tqdm(pairs, desc="runs", unit="run"):

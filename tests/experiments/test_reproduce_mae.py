@@ -48,6 +48,19 @@ def test_matched_variants_give_vit_b_alpha_eff(variant, vit_b_decay):
     assert alpha_eff(model.shortcut_coefficients) == pytest.approx(vit_b, rel=0.05)
 
 
+def test_dataset_and_image_size_reach_the_training_script(tmp_path):
+    experiment = _experiment()
+    args = experiment.parse_args(["--dataset", "embedded:cluttered-mnist", "--image-size", "48"])
+    command = experiment.train_command(tmp_path / "run", "decay_0.3", 0, args)
+    script_args = command[command.index(str(experiment.SCRIPT)) + 1 :]
+    assert script_args[script_args.index("--dataset_name") + 1] == "embedded:cluttered-mnist"
+    assert script_args[script_args.index("--image_size") + 1] == "48"
+    default = experiment.train_command(tmp_path / "run", "plain", 0, experiment.parse_args([]))
+    assert default[default.index("--dataset_name") + 1] == "embedded:mnist" and "--image_size" not in default
+    with pytest.raises(SystemExit):
+        experiment.parse_args(["--image-size", "0"])
+
+
 def test_cosine_variant_builds_a_cosine_schedule():
     model = _model_for("decay_0.3_cosine")
     assert model.shortcut_coefficients == shortcut_coefficients(12, 0.3, "cosine")
