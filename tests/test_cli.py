@@ -154,6 +154,12 @@ def test_bad_arguments_exit_with_a_clear_message(checkpoint, dataset_dir, tmp_pa
     ]
     code, err = _fails(capsys, "evaluate", str(checkpoint), *args, "--output", str(tmp_path / "r.json"))
     assert code == 2 and "need class labels" in err
+    digits = ["--dataset", str(dataset_dir), "--max-train-samples", "20", "--max-test-samples", "20"]
+    digits += ["--no-cache", "--output", str(tmp_path / "layers.json")]
+    for layers in ("5", "0,99", "-5"):  # a 3-block model: 5 used to wrap round to layer 1
+        code, err = _fails(capsys, "evaluate", str(checkpoint), *digits, "--layers", layers)
+        assert code == 2 and "valid layers are 0 (embeddings) to 3 (the last block)" in err, err
+    assert not (tmp_path / "layers.json").exists()
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,8 @@ setting). A DiT is class-conditional when the data has labels. Weights are avera
 ``EMAModel``; every ``--sample_every`` epochs a grid of EMA samples is written to ``output_dir/samples``.
 Checkpoints (``--checkpointing_steps``) resume exactly, EMA included. The final model is saved with its
 scheduler (for the UNet as a complete ``DDPMPipeline``), with a model card, and optionally pushed to the Hub.
+A NaN or inf loss stops every process at once (exit status 1, naming the step and the lr); nothing non-finite
+is saved.
 """
 
 from __future__ import annotations
@@ -50,11 +52,13 @@ from hf_resdecay.training import (
     run_settings,
     save_checkpoint,
     step_rng,
+    stop_if_diverged,
 )
 
 SCRIPT = Path(__file__).name
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "diffusion_decay.md"
 FAMILIES = {"unet": ("UNet2DDecayModel", "unet"), "dit": ("DiTDecayTransformer2DModel", "transformer")}
+LR_FLAG = "--learning_rate"
 
 
 @dataclass
@@ -252,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     num_classes = len(class_names) if class_names and model_args.model == "dit" else None
     set_seed(args.seed)  # model initialisation
     try:
-        model = build_model(model_args, channels, num_classes, given_flags(argv))
+        model = build_model(model_args, channels, num_classes, given_flags(parser, argv))
     except (ValueError, TypeError, OSError) as error:
         fail(" ".join(str(error).split()))
     from diffusers.training_utils import EMAModel
@@ -312,6 +316,10 @@ def main(argv: list[str] | None = None) -> None:
         f"objective {args.objective}; run {run_settings(accelerator, args.learning_rate, global_batch)}"
     )
 
+    def saved_weights() -> list[torch.Tensor]:
+        """What a checkpoint or the final model holds: the weights and, with EMA, their average."""
+        return [*unwrapped.parameters(), *(ema.shadow_params if ema is not None else [])]
+
     step, last_loss = start_step, float("nan")
     progress = tqdm(
         total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
@@ -342,17 +350,20 @@ def main(argv: list[str] | None = None) -> None:
             if ema is not None:
                 ema.step(unwrapped.parameters())
             last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
+            stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, loss=last_loss)
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
             if step % args.logging_steps == 0:
                 log({"loss": last_loss, "lr": lr_schedule.get_last_lr()[0]}, step)
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, parameters=saved_weights())
                 saved = save_checkpoint(accelerator, checkpoints, step, args.checkpoints_total_limit)
                 if args.push_to_hub and args.hub_strategy == "checkpoint" and accelerator.is_main_process:
                     push_folder(saved, args, f"checkpoint at step {step}", SCRIPT, "last-checkpoint")
             if step >= total_steps:
                 break
         if args.sample_every and (epoch + 1) % args.sample_every == 0 and step < total_steps:
+            stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, parameters=saved_weights())
             if accelerator.is_main_process:
                 grid = output_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
                 sample_grid(unwrapped, ema, make_scheduler(args.objective, args.num_train_timesteps), args,
@@ -363,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
         if step >= total_steps:
             break
     progress.close()
+    stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, parameters=saved_weights())
 
     if accelerator.is_main_process:
         results = {"final_loss": last_loss, "steps": step, "epochs": epochs, "summary": {}}

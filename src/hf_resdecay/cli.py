@@ -78,7 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--test-split", default="test")
     evaluate.add_argument("--metrics", type=_metrics, default=["knn", "linear_probe", "effective_rank"])
     evaluate.add_argument("--pooling", choices=("mean", "cls", "pooler"), default="mean")
-    evaluate.add_argument("--layers", type=_layers, default="all", help="'all' or indices into hidden_states")
+    evaluate.add_argument(
+        "--layers",
+        type=_layers,
+        default="all",
+        help="'all' or comma-separated hidden_states indices: 0 = embeddings .. N = last block, -1 = last",
+    )
     evaluate.add_argument("--max-train-samples", type=_positive, default=None)
     evaluate.add_argument("--max-test-samples", type=_positive, default=None)
     evaluate.add_argument("--batch-size", type=_positive, default=64)

@@ -1,5 +1,6 @@
 """Pieces shared by the training scripts: their common arguments and data loading, reproducible randomness,
-crash-safe checkpoints and outputs, optimiser parameter groups, metric logs, and Hub uploads that retry.
+crash-safe checkpoints and outputs, a stop at the first non-finite loss, optimiser parameter groups, metric
+logs, and Hub uploads that retry.
 
 Reproducibility across a kill and a resume rests on two choices. Every random draw of an optimisation step
 (augmentation, masking, dropout) comes from a generator seeded by ``(seed, rank, step, micro-batch)``
@@ -10,23 +11,30 @@ uninterrupted run would have taken.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
+import dataclasses
 import json
+import math
 import os
 import re
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .data import EMBEDDED_DATASET, load_image_dataset, subset
+
+if TYPE_CHECKING:
+    from transformers import HfArgumentParser
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _PARTIAL = ".partial"
@@ -114,11 +122,53 @@ class CommonTrainingArguments:
                 raise ValueError(f"--{name} must be >= 1 when given; got {getattr(self, name)}")
 
 
-def given_flags(argv: list[str] | None) -> set[str]:
-    """Names of the ``--flags`` on the command line (``--no_x`` counts as ``x``): with a checkpoint to start
-    from, only these change its config."""
-    tokens = argv if argv is not None else sys.argv[1:]
-    return {token[2:].split("=")[0].removeprefix("no_") for token in tokens if token.startswith("--")}
+def given_flags(parser: HfArgumentParser, argv: list[str] | None = None) -> set[str]:
+    """The dataclass fields that ``argv`` (default ``sys.argv[1:]``) sets, however each flag is spelled
+    (``--shortcut-decay``, an abbreviation such as ``--shortcut_d``, ``--no_x``, ``--x=value``): with a
+    checkpoint to start from, only these change its config.
+
+    ``parser`` reads ``argv`` a second time into a namespace holding a sentinel for every field; argparse
+    fills in defaults only where the namespace has no value, so a field still holding the sentinel was not
+    given. The parser itself is left unchanged.
+    """
+    names = {item.name for kind in parser.dataclass_types for item in dataclasses.fields(kind) if item.init}
+    unset = object()
+    namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
+    return {name for name in names if getattr(namespace, name) is not unset}
+
+
+def stop_if_diverged(
+    accelerator,
+    step: int,
+    learning_rate: float,
+    lr_flag: str,
+    loss: float | None = None,
+    parameters: Iterable[torch.Tensor] | None = None,
+) -> None:
+    """Exit with status 1 and a one-line error (main process) when ``loss`` or any of ``parameters`` is NaN
+    or inf: training on would waste the budget, and saving would publish broken weights.
+
+    Every process must call it with the same ``loss``, the value gathered over processes, so all ranks take
+    the same decision and stop together (none is left waiting at the next collective); the ``parameters``
+    verdict is gathered too. Call it before saving a checkpoint or the model, which then stays as it was.
+    """
+    problem = None
+    if loss is not None and not math.isfinite(loss):
+        problem = f"training loss ({loss})"
+    elif parameters is not None:
+        finite = all(bool(torch.isfinite(parameter).all()) for parameter in parameters)
+        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+        if accelerator.gather(flag).max().item() > 0:
+            problem = "weights"
+    if problem is None:
+        return
+    if accelerator.is_main_process:
+        tqdm.write(  # on a line of its own, not after a progress bar
+            f"error: non-finite {problem} at step {step}, lr {learning_rate:.3g}: lower {lr_flag} or set "
+            "--max_grad_norm (e.g. 1.0); the model was not saved",
+            file=sys.stderr,
+        )
+    raise SystemExit(1)
 
 
 def make_accelerator(args: CommonTrainingArguments):

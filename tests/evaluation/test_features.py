@@ -128,6 +128,27 @@ def test_disk_cache_is_keyed_by_weights_and_data(small, processor, tmp_path):
     assert len(list(tmp_path.glob("*.npz"))) == 3 and not list(tmp_path.glob("*.partial"))
 
 
+def test_layers_are_normalised_deduplicated_and_range_checked(small, processor, tmp_path):
+    """On a 2-block model, 5 used to wrap round to layer 2 and ``2, -1`` to double layer 2's rows."""
+    torch.manual_seed(0)
+    model = ViTModel(ViTConfig(**{**TINY_VIT, "num_hidden_layers": 2}, patch_size=4), add_pooling_layer=False)
+    options = dict(image_processor=processor, cache_dir=tmp_path)
+    every = extract_features(model, small, layers="all", cache=False, **options)
+    both = extract_features(model, small, layers=[2, -1, -3, 0], **options)
+    assert both.layers == [0, 2] and {len(rows) for rows in both.features.values()} == {len(small)}
+    np.testing.assert_array_equal(both.features[2], every.features[2])
+    again = extract_features(model, small, layers=(0, 2), **options)
+    assert "cached" in again.meta and again.layers == [0, 2]  # the same layers share one cache entry
+    for layers in ([5], [0, 99], [-4]):
+        with pytest.raises(ValueError, match=r"layers: .* out of range .* 2 blocks.* 0 \(embeddings\) to 2"):
+            extract_features(model, small, layers=layers, **options)
+    with pytest.raises(ValueError, match="layers must name at least one layer"):
+        extract_features(model, small, layers=[], cache=False, **options)
+    with pytest.raises(ValueError, match="layers must be 'all' or a sequence of integers; got 'last'"):
+        extract_features(model, small, layers="last", cache=False, **options)
+    assert len(list(tmp_path.glob("*.npz"))) == 1
+
+
 def test_bad_input(small, processor):
     model = ViTModel(ViTConfig(**TINY_VIT, patch_size=4), add_pooling_layer=False)
     no_images = Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})

@@ -132,6 +132,33 @@ def test_frechet_distance_from_stats_rejects_bad_statistics():
         feature_statistics(np.array([[0.0, np.inf], [1.0, 2.0]]))
 
 
+def test_frechet_distance_from_stats_rejects_covariances_that_are_not_symmetric_psd():
+    """Such matrices used to give a distance of 0.0 (the round-off clip) instead of an error."""
+    mu, sigma = np.zeros(3), np.eye(3)
+    skewed = np.eye(3)
+    skewed[0, 1] = 0.5
+    with pytest.raises(ValueError, match="sigma1 must be symmetric"):
+        frechet_distance_from_stats(mu, skewed, mu, sigma)
+    with pytest.raises(ValueError, match=r"sigma2 must be positive semi-definite.*smallest eigenvalue -1"):
+        frechet_distance_from_stats(mu, sigma, mu, -np.eye(3))
+    indefinite = np.array([[1.0, 2.0, 0.0], [2.0, 1.0, 0.0], [0.0, 0.0, 1.0]])  # eigenvalues 3, 1, -1
+    with pytest.raises(ValueError, match="sigma1 must be positive semi-definite"):
+        frechet_distance_from_stats(mu, indefinite, mu, sigma)
+
+
+def test_frechet_distance_from_stats_accepts_round_off():
+    """Covariances from float32 features, singular ones and a symmetric matrix stored in float32 all pass."""
+    rng = np.random.default_rng(0)
+    few = rng.normal(size=(5, 8)).astype(np.float32)  # rank 4 covariance: zero eigenvalues up to round-off
+    singular = np.cov(few, rowvar=False)
+    full = np.cov(rng.normal(size=(200, 8)), rowvar=False).astype(np.float32)
+    mu = np.zeros(8)
+    assert frechet_distance_from_stats(mu, singular, mu, full) > 0
+    assert frechet_distance_from_stats(mu, full, mu, full) == pytest.approx(0.0, abs=1e-4)
+    nearly = full.astype(np.float64) + 1e-9 * rng.normal(size=(8, 8))  # asymmetric by round-off only
+    assert frechet_distance_from_stats(mu, nearly, mu, full) == pytest.approx(0.0, abs=1e-4)
+
+
 def test_fewer_samples_than_dimensions_warns():
     rng = np.random.default_rng(1)
     with pytest.warns(

@@ -1,5 +1,7 @@
-"""Run a training script the way users do: ``accelerate launch``, in a fresh process; and kill one mid-run."""
+"""Run a training script the way users do: ``accelerate launch``, in a fresh process; and kill one mid-run.
+Or import one, to test its pieces (parser, model building) without training."""
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -57,3 +59,13 @@ def launch_and_kill(script: str, args: list[str], when_exists: Path, timeout: fl
 def run_directly(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """The script under plain ``python`` (argument errors must stop it before any training)."""
     return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True)
+
+
+def load_script(script: str):
+    """``training_scripts/<script>`` imported as a module (its ``main`` does not run)."""
+    path = SCRIPTS / script
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module

@@ -1,6 +1,7 @@
 """``accelerate launch training_scripts/train_diffusion.py`` end to end on the embedded MNIST, tiny models."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -79,6 +80,27 @@ def test_dit_flow_killed_and_resumed_ends_with_the_same_weights(tmp_path):
         "epoch_0001.png",
         "final.png",
     ]
+
+
+def test_non_finite_loss_stops_and_keeps_the_previous_model(tmp_path):
+    """An exploding lr used to end with exit status 0 and NaN weights saved over the previous model."""
+    out = tmp_path / "unet"
+    out.mkdir()
+    previous = {"model_index.json": "{}", "results.json": '{"steps": 10}'}
+    for name, text in previous.items():
+        (out / name).write_text(text)
+    args = [*UNET, *QUICK, "--output_dir", str(out), "--max_train_steps", "6", "--sample_every", "0"]
+    result = launch("train_diffusion.py", [*args, "--learning_rate", "1e30"], check=False)
+    assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: non-finite (training loss \((nan|inf|-inf)\)|weights) at step [1-6], lr 1e\+30: lower "
+        r"--learning_rate or set --max_grad_norm \(e\.g\. 1\.0\); the model was not saved",
+        errors[0],
+    ), result.stderr[-4000:]
+    assert "model saved" not in result.stdout
+    assert {path.name: path.read_text() for path in out.iterdir() if path.is_file()} == previous
+    assert not (out / "unet").exists() and not (out / ".final.partial").exists()
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,16 @@
 
 import json
 import math
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+
+from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining
 
 from .launch import launch, launch_and_kill, run_directly
 
@@ -197,6 +201,66 @@ def test_failed_upload_keeps_the_local_model(tmp_path):
     assert result.returncode == 1
     assert "failed after 2 attempts" in result.stderr and "The trained model is complete in" in result.stderr
     assert (out / "config.json").exists() and (out / "model.safetensors").exists()
+
+
+def test_non_finite_loss_stops_every_process_and_keeps_the_previous_model(tmp_path):
+    """An exploding lr used to train on NaN for the whole budget; now both ranks stop at the first NaN loss,
+    with one error line, and the model already in the output folder stays as it was."""
+    out = tmp_path / "run"
+    out.mkdir()
+    previous = {"config.json": "{}", "model.safetensors": "previous weights", "results.json": '{"steps": 4}'}
+    for name, text in previous.items():
+        (out / name).write_text(text)
+    result = _launch(
+        "--output_dir",
+        str(out),
+        "--base_learning_rate",
+        "1e30",
+        "--max_train_steps",
+        "8",
+        "--checkpointing_steps",
+        "1",
+        "--eval_every",
+        "0",
+        processes=2,
+        env={"ACCELERATE_USE_CPU": "1"},
+        check=False,
+    )
+    assert result.returncode != 0, result.stdout[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr[-4000:]  # one line, from the main process only
+    assert re.fullmatch(
+        r"error: non-finite (training loss \((nan|inf|-inf)\)|weights) at step [1-8], lr [0-9.e+]+: lower "
+        r"--base_learning_rate or set --max_grad_norm \(e\.g\. 1\.0\); the model was not saved",
+        errors[0],
+    ), errors[0]
+    assert "model saved" not in result.stdout
+    assert {path.name: path.read_text() for path in out.iterdir() if path.is_file()} == previous
+    checkpoints = sorted((out / "checkpoints").iterdir()) if (out / "checkpoints").exists() else []
+    assert [path.name for path in checkpoints if path.name.endswith(".partial")] == []
+    for checkpoint in checkpoints:  # the weights of every checkpoint kept are finite
+        assert all(torch.isfinite(t).all() for t in load_file(checkpoint / "model.safetensors").values())
+
+
+def test_hyphenated_and_abbreviated_flags_change_a_checkpoint(tmp_path):
+    """``--shortcut-decay 0.5`` and ``--shortcut_s cosine`` used to be ignored when starting from a model."""
+    sizes = dict(zip(TINY[0:20:2], TINY[1:20:2], strict=True))
+    config = ViTMAEDecayConfig(**{flag[2:]: int(value) for flag, value in sizes.items()})
+    ViTMAEDecayForPreTraining(config).save_pretrained(tmp_path / "start")
+    out = tmp_path / "run"
+    args = [
+        "--model_name_or_path",
+        str(tmp_path / "start"),
+        "--shortcut-decay",
+        "0.5",
+        "--shortcut_s",
+        "cosine",
+    ]
+    args += ["--max_train_samples", "64", "--per_device_train_batch_size", "32", "--max_train_steps", "1"]
+    launch("train_mae.py", [*args, "--eval_every", "0", "--max_eval_samples", "32", "--output_dir", str(out)])
+    saved = json.loads((out / "config.json").read_text())
+    assert (saved["shortcut_decay"], saved["shortcut_schedule"]) == (0.5, "cosine")
+    assert saved["hidden_size"] == 32 and saved["mask_ratio"] == 0.75  # the rest from the checkpoint
 
 
 @pytest.mark.parametrize(

@@ -3,7 +3,8 @@
 Works on ViT-family encoders (ViT, DeiT, DINOv2, ViTMAE and the decayed ViTMAE) and on CNNs with a
 pooler (ResNet, ConvNeXt). ViTMAE checkpoints are read with masking off and patch order kept, so every
 patch is seen. Layers index ``hidden_states``: 0 is the embedding output, ``i`` the output of block ``i``,
-``-1`` the last block; no final LayerNorm is applied (the decay paper's linear-probe protocol).
+``-1`` the last block (:func:`resolve_layers`); no final LayerNorm is applied (the decay paper's linear-probe
+protocol).
 """
 
 from __future__ import annotations
@@ -102,6 +103,41 @@ def default_image_processor(model: PreTrainedModel) -> ViTImageProcessorPil:
     )
 
 
+def resolve_layers(layers: Sequence[int] | str, num_layers: int) -> list[int]:
+    """``layers`` (``"all"`` or ``hidden_states`` indices) as distinct non-negative indices, in given order.
+
+    ``num_layers`` is the model's block count: 0 is the embedding output, ``num_layers`` the last block, and
+    ``-1`` .. ``-(num_layers + 1)`` count from the end. Anything outside raises ``ValueError`` naming the
+    valid range, rather than wrapping round to another layer.
+    """
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be 'all' or a sequence of integers; got {layers!r}")
+        return list(range(num_layers + 1))
+    resolved = []
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise ValueError(f"layers must be 'all' or a sequence of integers; got {layer!r} in {layers!r}")
+        if not -(num_layers + 1) <= layer <= num_layers:
+            raise ValueError(
+                f"layers: {layer} is out of range for a model with {num_layers} blocks; valid layers are 0 "
+                f"(embeddings) to {num_layers} (the last block), or -{num_layers + 1} to -1 from the end"
+            )
+        resolved.append(int(layer) % (num_layers + 1))
+    if not resolved:
+        raise ValueError("layers must name at least one layer (0 = embeddings, -1 = the last block)")
+    return list(dict.fromkeys(resolved))
+
+
+def _num_layers(config) -> int | None:
+    """How many blocks (transformers) or stages (CNNs) add a hidden state after the embeddings; None when
+    the config does not say (the first batch's outputs tell)."""
+    if isinstance(getattr(config, "num_hidden_layers", None), int):
+        return config.num_hidden_layers
+    depths = getattr(config, "depths", None)
+    return len(depths) if isinstance(depths, (list, tuple)) else None
+
+
 def _model_fingerprint(model: torch.nn.Module) -> str:
     """SHA-256 over the config and every weight: two models share cached features only if identical."""
     digest = hashlib.sha256()
@@ -149,6 +185,11 @@ def _pool(hidden: torch.Tensor, pooling: str) -> torch.Tensor:
     return hidden[:, 0] if pooling == "cls" else hidden.mean(dim=1)
 
 
+def _check_pooler_layers(pooling: str, indices: list[int], num_layers: int) -> None:
+    if pooling == "pooler" and indices != [num_layers]:
+        raise ValueError("pooling='pooler' reads the last layer only; use layers=(-1,)")
+
+
 def _to_rgb(image, channels: int):
     if channels == 3 and hasattr(image, "mode") and image.mode != "RGB":
         return image.convert("RGB")
@@ -172,7 +213,8 @@ def extract_features(
 ) -> FeatureSet:
     """Features of ``dataset`` (a ``datasets.Dataset`` with an image column) under ``model_or_id``.
 
-    ``layers`` is a sequence of ``hidden_states`` indices or ``"all"``; ``pooling`` is ``"mean"`` (all
+    ``layers`` is a sequence of ``hidden_states`` indices or ``"all"`` (range-checked and de-duplicated by
+    :func:`resolve_layers`, so ``(2, -1)`` on a 2-block model is layer 2 once); ``pooling`` is ``"mean"`` (all
     tokens, CLS included; spatial mean for CNNs), ``"cls"`` or ``"pooler"`` (the model's pooler output,
     last layer only). Images stream through in batches under ``torch.inference_mode``. With ``cache``,
     results are stored under ``cache_dir`` keyed by the model's weights and the dataset's fingerprint.
@@ -188,13 +230,19 @@ def extract_features(
     total = len(dataset) if max_samples is None else min(max_samples, len(dataset))
     if total == 0:
         raise ValueError("the dataset is empty")
+    base = model.base_model if isinstance(model, PreTrainedModel) else model
+    as_given = layers if isinstance(layers, str) else list(layers)
+    num_layers = _num_layers(getattr(base, "config", None))
+    indices = resolve_layers(as_given, num_layers) if num_layers is not None else None
+    if indices is not None:
+        _check_pooler_layers(pooling, indices, num_layers)
 
     key_parts = {
         "model": _model_fingerprint(model),
         "dataset": getattr(dataset, "_fingerprint", None),
         "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
         "pooling": pooling,
-        "layers": layers if isinstance(layers, str) else list(layers),
+        "layers": sorted(indices) if indices is not None else as_given,
         "columns": [image_column, label_column],
         "samples": total,
     }
@@ -205,7 +253,6 @@ def extract_features(
         if cache_file.exists():
             return _load_feature_file(cache_file)
 
-    base = model.base_model if isinstance(model, PreTrainedModel) else model
     was_training = base.training
     base.eval()
     channels = getattr(base.config, "num_channels", 3)
@@ -224,11 +271,12 @@ def extract_features(
                     pixel_values=pixel_values, **_forward_kwargs(base, masks_patches, pixel_values)
                 )
                 states = outputs.hidden_states
-                indices = range(len(states)) if layers == "all" else [i % len(states) for i in layers]
+                if len(states) - 1 != num_layers:  # the config did not say, or the outputs disagree
+                    num_layers = len(states) - 1
+                    indices = resolve_layers(as_given, num_layers)
+                    _check_pooler_layers(pooling, indices, num_layers)
                 for index in indices:
                     if pooling == "pooler":
-                        if index != len(states) - 1:
-                            raise ValueError("pooling='pooler' reads the last layer only; use layers=(-1,)")
                         pooled = outputs.pooler_output.flatten(1)
                     else:
                         pooled = _pool(states[index], pooling)

@@ -102,7 +102,32 @@ def _check_stats(mu: Any, sigma: Any, mu_name: str, sigma_name: str) -> tuple[np
     for value, name in ((mu, mu_name), (sigma, sigma_name)):
         if not np.isfinite(value).all():
             raise ValueError(f"{name} contains NaN or inf values")
+    _check_covariance(sigma, sigma_name)
     return mu, sigma
+
+
+COVARIANCE_RTOL = 1e-4
+"""Relative round-off a covariance may carry (float32 storage or accumulation) and still count as symmetric
+positive semi-definite: asymmetry up to this times its largest entry, eigenvalues down to minus this times
+the largest one."""
+
+
+def _check_covariance(sigma: np.ndarray, name: str) -> None:
+    """Raise ``ValueError`` unless ``sigma`` is symmetric PSD up to :data:`COVARIANCE_RTOL`: the distance
+    assumes it, and other matrices clip to a meaningless 0.0."""
+    scale = float(np.abs(sigma).max()) if sigma.size else 0.0
+    asymmetry = float(np.abs(sigma - sigma.T).max()) if sigma.size else 0.0
+    if asymmetry > COVARIANCE_RTOL * scale:
+        raise ValueError(
+            f"{name} must be symmetric (a covariance matrix); its largest |{name} - {name}.T| entry is "
+            f"{asymmetry:.3g}, {asymmetry / scale:.3g} of its largest entry (allowed: {COVARIANCE_RTOL:g})"
+        )
+    eigenvalues = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+    if eigenvalues.size and eigenvalues[0] < -COVARIANCE_RTOL * max(float(eigenvalues[-1]), 0.0):
+        raise ValueError(
+            f"{name} must be positive semi-definite (a covariance matrix); its smallest eigenvalue "
+            f"{eigenvalues[0]:.3g} is below -{COVARIANCE_RTOL:g} x its largest ({eigenvalues[-1]:.3g})"
+        )
 
 
 def _psd_eigenvalues(eigenvalues: np.ndarray) -> np.ndarray:

@@ -164,6 +164,13 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
                 f"timestep_freq_shift must be 0 (SiT) or 1 (diffusers); got {timestep_freq_shift!r}"
             )
         validate_shortcut_schedule(shortcut_schedule)
+        if patch_size < 1:
+            raise ValueError(f"patch_size must be >= 1; got {patch_size!r}")
+        if sample_size % patch_size:
+            raise ValueError(
+                f"sample_size={sample_size} must be a multiple of patch_size={patch_size} (the patch "
+                "embedding would crop the remainder silently)"
+            )
         super().__init__(
             num_attention_heads=num_attention_heads,
             attention_head_dim=attention_head_dim,

@@ -184,11 +184,15 @@ def test_gradients_reach_the_skips_and_gradient_checkpointing_agrees():
         ("shortcut_decay", 1.5, r"shortcut_decay must be in \[0, 1\)"),
         ("shortcut_decay", None, r"shortcut_decay must be a real number in \[0, 1\)"),
         ("shortcut_schedule", "step", "shortcut_schedule must be one of 'linear', 'cosine', 'constant'"),
+        ("sample_size", 9, r"sample_size=9 must be a multiple of patch_size=2"),
+        ("patch_size", 3, r"sample_size=8 must be a multiple of patch_size=3"),
+        ("patch_size", 0, r"patch_size must be >= 1; got 0"),
     ],
 )
-def test_invalid_shortcut_settings_are_rejected(field, value, message):
+def test_invalid_settings_are_rejected(field, value, message):
+    """A sample size that is not a whole number of patches used to be cropped silently."""
     with pytest.raises(ValueError, match=message):
-        DiTDecayTransformer2DModel(**TINY, **{field: value})
+        DiTDecayTransformer2DModel(**{**TINY, field: value})
 
 
 def test_save_and_load_round_trip(tmp_path):

@@ -24,6 +24,18 @@ def test_bad_decay_fails_at_construction(decay):
         ViTMAEDecayConfig(shortcut_decay=decay)
 
 
+@pytest.mark.parametrize("ratio", [1.5, 1.0, -0.5, float("nan")])
+def test_mask_ratio_outside_zero_one_fails_at_construction(ratio):
+    """1.5 used to mask like 0.5 and -0.5 to give a NaN loss."""
+    with pytest.raises(ValueError, match=r"mask_ratio must be in \[0, 1\)"):
+        ViTMAEDecayConfig(mask_ratio=ratio)
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.75, 0.99])
+def test_mask_ratio_inside_zero_one_is_accepted(ratio):
+    assert ViTMAEDecayConfig(mask_ratio=ratio).mask_ratio == ratio
+
+
 def test_bad_schedule_fails_at_construction():
     with pytest.raises(ValueError, match="shortcut_schedule must be one of"):
         ViTMAEDecayConfig(shortcut_schedule="step")
@@ -38,6 +50,11 @@ def test_value_changed_after_construction_is_caught_by_validate(tmp_path):
     config = ViTMAEDecayConfig()
     config.shortcut_decay = 1.2
     with pytest.raises(StrictDataclassError, match="shortcut_decay must be in"):
+        config.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()
+    config = ViTMAEDecayConfig()
+    config.mask_ratio = 1.5
+    with pytest.raises(StrictDataclassError, match=r"mask_ratio must be in \[0, 1\)"):
         config.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()
 

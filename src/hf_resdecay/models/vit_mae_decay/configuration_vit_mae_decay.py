@@ -63,9 +63,15 @@ class ViTMAEDecayConfig(ViTMAEConfig):
         super().__post_init__(**kwargs)
 
     def validate_shortcut(self):
-        """Reject a ``shortcut_decay`` outside ``[0, 1)``, or an unknown schedule or initializer."""
+        """Reject a ``shortcut_decay`` or ``mask_ratio`` outside ``[0, 1)``, or an unknown schedule or
+        initializer (a ``mask_ratio`` of 1.5 used to mask like 0.5, and a negative one to give NaN losses)."""
         validate_shortcut_decay(self.shortcut_decay)
         validate_shortcut_schedule(self.shortcut_schedule)
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(
+                f"mask_ratio must be in [0, 1) (the fraction of patches hidden from the encoder); "
+                f"got {self.mask_ratio!r}"
+            )
         if self.initializer not in INITIALIZERS:
             allowed = ", ".join(repr(name) for name in INITIALIZERS)
             raise ValueError(f"initializer must be one of {allowed}; got {self.initializer!r}")
