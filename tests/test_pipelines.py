@@ -50,8 +50,8 @@ def test_portable_pipeline_from_the_hub_with_and_without_the_package(hub_server,
     assert without.stdout.split() == with_package.stdout.split()  # the same code and samples either way
     pipeline = load_pipeline("org/portable-ddpm", trust_remote_code=True)
     assert type(pipeline.unet).__name__ == "UNet2DDecayModel"
-    with pytest.raises(ValueError, match="trust_remote_code"):
-        load_pipeline("org/portable-ddpm")  # never on by default
+    pipeline = load_pipeline("org/portable-ddpm")  # the package's own class: installed code, no remote code
+    assert type(pipeline.unet) is UNet2DDecayModel
 
 
 def test_missing_files_are_named(tmp_path):

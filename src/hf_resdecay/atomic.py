@@ -5,10 +5,39 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
+
+
+def _create_partial(path: Path) -> tuple[int, str]:
+    """A new, exclusively created temporary file next to ``path``: ``(descriptor, name)``.
+
+    Created with mode 0o666 so that the process umask decides the permissions, as for any ``open(path, "w")``
+    (``tempfile.mkstemp`` would force 0o600); when ``path`` exists its permission bits are copied instead, so
+    replacing a file never changes who may read it.
+    """
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        name = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.partial")
+        try:
+            descriptor = os.open(name, flags, 0o666)
+        except FileExistsError:
+            continue
+        break
+    try:
+        existing = os.stat(path)
+    except OSError:
+        return descriptor, name
+    try:
+        os.chmod(name, stat.S_IMODE(existing.st_mode))
+    except BaseException:
+        os.close(descriptor)
+        Path(name).unlink(missing_ok=True)
+        raise
+    return descriptor, name
 
 
 @contextlib.contextmanager
@@ -16,13 +45,14 @@ def atomic_write(path: str | os.PathLike, mode: str = "w") -> Iterator[IO[Any]]:
     """Open a temporary file next to ``path`` for writing; rename it onto ``path`` when the block succeeds.
 
     On any error (or an interrupt) the temporary file is removed and ``path`` keeps its previous content, so
-    a reader never sees half a file. ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``.
+    a reader never sees half a file. ``mode`` is ``"w"`` (text, UTF-8) or ``"wb"``. A new file gets the
+    permissions the umask allows; a replaced file keeps its permission bits.
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"mode must be 'w' or 'wb'; got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+    descriptor, temporary = _create_partial(path)
     try:
         with os.fdopen(descriptor, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as handle:
             yield handle

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -307,9 +308,85 @@ def _pipeline_fid(args: argparse.Namespace, reference) -> dict:
     }
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """Refuse, before any work, an output file that could not be written: a folder in its place, a file
+    where a parent folder should be, or a parent where this user cannot create files."""
+    path = path.expanduser().absolute()
+    if path.is_dir():
+        raise ValueError(f"{flag} {path} is a folder; give a file path such as {path / 'results.json'}")
+    existing = path.parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a folder; choose another {flag} path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"{flag} {path}: cannot write in {existing} ({error.strerror}); choose a writable {flag} path"
+        ) from None
+
+
+def _check_labels(dataset, split: str, flag: str, dataset_name: str, metrics: list[str]) -> None:
+    """Refuse, before features are extracted, a split that cannot score kNN or a linear probe: no label
+    column, missing labels, or negative ones (hidden labels stored as -1, as in ImageNet's test split)."""
+    import numpy as np
+
+    from .evaluation.features import find_label_column
+
+    needs = sorted({"knn", "linear_probe"} & set(metrics))
+    if not needs:
+        return
+    where = f"split {split!r} of {dataset_name}"
+    fix = "--test-split validation" if flag == "--test-split" else f"{flag} with a labelled split"
+    column = find_label_column(dataset)
+    if column is None:
+        raise ValueError(
+            f"{where} has no label column, but {needs} need class labels: evaluate on a labelled split "
+            f"(e.g. {fix}) or use --metrics effective_rank"
+        )
+    values = list(dataset[column])
+    missing = sum(value is None for value in values)
+    if missing:
+        raise ValueError(
+            f"{where} lacks {missing} label(s) in column {column!r}, but {needs} need class labels: try {fix}"
+        )
+    if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in values):
+        raise ValueError(
+            f"{where}: column {column!r} must hold integer class ids for {needs}; cast it to ClassLabel"
+        )
+    negative = sum(value < 0 for value in values)
+    if negative:
+        raise ValueError(
+            f"{where} has {negative} negative label(s) in column {column!r} (hidden labels, stored as -1), "
+            f"but {needs} need class labels: evaluate on a labelled split, e.g. {fix}"
+        )
+
+
+def _check_before_work(args: argparse.Namespace, is_local: bool) -> None:
+    """Every check that needs no dataset or model: output paths, FID options, the model's files."""
+    from .evaluation.features import check_model_source
+
+    _check_writable(args.output, "--output")
+    if args.update_card and is_local:
+        _check_writable(Path(args.model) / "README.md", "--update-card: the model card")
+    fid = "fid" in args.metrics
+    if fid and args.fid_samples < 2:
+        raise ValueError(
+            f"--fid-samples must be at least 2 (FID estimates a covariance); got {args.fid_samples}"
+        )
+    if fid and args.fid_weights is not None and not args.fid_weights.is_file():
+        raise ValueError(f"--fid-weights {args.fid_weights} is not a file; give the path of the weights file")
+    check_model_source(args.model, pipeline=fid)
+    if fid and args.fid_feature_model is not None:
+        check_model_source(args.fid_feature_model)
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     from .atomic import write_json_atomic
     from .data import EMBEDDED_DATASET, load_image_dataset, subset
+    from .evaluation.features import recording_feature_sources
     from .evaluation.plots import plot_depth_curves
     from .evaluation.suite import evaluate_representations
 
@@ -320,28 +397,46 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"error: --push needs a Hub repo id; {args.model} is a folder (its card is updated in place)"
         )
+    _check_before_work(args, is_local)
     dataset_name = args.dataset or EMBEDDED_DATASET
     if "fid" in args.metrics:
         test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
+        if len(test) < 2:
+            raise ValueError(
+                f"split {args.test_split!r} of {dataset_name} holds {len(test)} image(s); FID needs at least "
+                "2 reference images (raise --max-test-samples or choose another --test-split)"
+            )
         results = _pipeline_fid(args, test)
     else:
         train = subset(load_image_dataset(dataset_name, split=args.train_split), args.max_train_samples)
         test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
-        results = evaluate_representations(
-            args.model,
-            train,
-            test,
-            metrics=args.metrics,
-            pooling=args.pooling,
-            layers=args.layers,
-            k=args.k,
-            temperature=args.temperature,
-            probe_protocol=args.probe_protocol,
-            probe_epochs=args.probe_epochs,
-            batch_size=args.batch_size,
-            revision=args.revision,
-            cache=not args.no_cache,
-        )
+        _check_labels(train, args.train_split, "--train-split", dataset_name, args.metrics)
+        _check_labels(test, args.test_split, "--test-split", dataset_name, args.metrics)
+        if "knn" in args.metrics and args.k > len(train):
+            raise ValueError(
+                f"--k {args.k} exceeds the {len(train)} images of split {args.train_split!r} of "
+                f"{dataset_name}; lower --k or use more training images"
+            )
+        with recording_feature_sources() as sources:
+            results = evaluate_representations(
+                args.model,
+                train,
+                test,
+                metrics=args.metrics,
+                pooling=args.pooling,
+                layers=args.layers,
+                k=args.k,
+                temperature=args.temperature,
+                probe_protocol=args.probe_protocol,
+                probe_epochs=args.probe_epochs,
+                batch_size=args.batch_size,
+                revision=args.revision,
+                cache=not args.no_cache,
+            )
+        if len(sources) == 2:  # evaluate_representations extracts the train split, then the test split
+            results["features_from_cache"] = {
+                split: source["from_cache"] for split, source in zip(("train", "test"), sources, strict=True)
+            }
     results = {
         "model": args.model,
         "revision": args.revision,

@@ -291,13 +291,49 @@ def embedded_cluttered_mnist(
     return _save_atomically(DatasetDict(splits), target)
 
 
+_SPLIT_FOLDERS = {
+    "train": "train",
+    "training": "train",
+    "validation": "validation",
+    "valid": "validation",
+    "val": "validation",
+    "dev": "validation",
+    "test": "test",
+    "testing": "test",
+    "eval": "test",
+    "evaluation": "test",
+}
+"""Folder names that mark one split of an image folder (the names ``datasets`` itself recognises)."""
+
+
+def _image_folder_files(folder: Path) -> dict[str, str]:
+    """``data_files`` patterns (relative to ``folder``) naming each split of an image folder.
+
+    Only folder names decide splits, never file names (``datasets`` would read ``ILSVRC2012_val_1.png`` or
+    ``test_1.png`` as split markers and scatter the images): when every visible entry of ``folder`` is a
+    folder named after a distinct split (``train/``, ``val/``, ``test/``), each is one split; otherwise the
+    whole folder is the single split ``train``. Class labels come from the image's parent folder either way.
+    """
+    splits: dict[str, str] = {}
+    for entry in folder.iterdir():
+        if entry.name.startswith((".", "__")):  # hidden, as datasets skips them
+            continue
+        split = _SPLIT_FOLDERS.get(entry.name.lower()) if entry.is_dir() else None
+        if split is None or split in splits:
+            return {"train": "**"}
+        splits[split] = f"{entry.name}/**"
+    return splits or {"train": "**"}
+
+
 def load_image_dataset(source: str | os.PathLike | None = None, split: str | None = None, **kwargs):
     """A ``Dataset`` (given ``split``) or ``DatasetDict`` from a Hub id, a folder, or the embedded default.
 
     ``source=None`` or :data:`EMBEDDED_DATASET` gives the embedded MNIST; :data:`CLUTTERED_MNIST_DATASET`
     gives it on photo clutter (``kwargs`` go to :func:`embedded_cluttered_mnist`). A local folder is read with
-    ``load_from_disk`` when it was written by ``save_to_disk``, else as an ``imagefolder``. Anything else is
-    passed to ``datasets.load_dataset`` (Hub ids, with ``kwargs`` such as ``name`` or ``revision``).
+    ``load_from_disk`` when it was written by ``save_to_disk``, else as an ``imagefolder`` whose splits come
+    from folder names only (:func:`_image_folder_files`: a plain folder of class subfolders is the one split
+    ``train``, whatever its file names). Anything else is passed to ``datasets.load_dataset`` (Hub ids, with
+    ``kwargs`` such as ``name`` or ``revision``).
     """
     from datasets import load_dataset, load_from_disk
 
@@ -308,11 +344,11 @@ def load_image_dataset(source: str | os.PathLike | None = None, split: str | Non
     elif Path(source).is_dir():
         folder = Path(source)
         saved = (folder / "dataset_dict.json").exists() or (folder / "state.json").exists()
-        dataset = (
-            load_from_disk(str(folder))
-            if saved
-            else load_dataset("imagefolder", data_dir=str(folder), **kwargs)
-        )
+        if saved:
+            dataset = load_from_disk(str(folder))
+        else:
+            files = kwargs.pop("data_files", None) or _image_folder_files(folder)
+            dataset = load_dataset("imagefolder", data_dir=str(folder), data_files=files, **kwargs)
     else:
         dataset = load_dataset(str(source), **kwargs)
     if split is None:

@@ -10,8 +10,10 @@ protocol).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -22,8 +24,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel, ViTImageProcessorPil
 
-from ..assets import default_cache_dir
-from ..atomic import atomic_write
+from ..assets import default_cache_dir, sha256_of
+from ..atomic import atomic_write, write_json_atomic
+
+logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "pooler")
 IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
@@ -32,11 +36,15 @@ LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class")
 
 @dataclass
 class FeatureSet:
-    """Pooled features per layer (``features[layer]`` is a float32 (samples, dim) array) and labels."""
+    """Pooled features per layer (``features[layer]`` is a float32 (samples, dim) array) and labels.
+
+    ``from_cache`` says whether they were read from a verified disk-cache entry rather than computed now.
+    """
 
     features: dict[int, np.ndarray]
     labels: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
+    from_cache: bool = False
 
     @property
     def layers(self) -> list[int]:
@@ -80,13 +88,104 @@ def find_label_column(dataset) -> str | None:
     return next((name for name in LABEL_COLUMN_NAMES if name in dataset.features), None)
 
 
+def check_model_folder(folder: str | os.PathLike, config_name: str | None = "config.json") -> None:
+    """Refuse a saved folder whose config or safetensors files are damaged, before any weights are read.
+
+    ``config_name`` (required when given) must be a JSON object; every other ``config.json`` or
+    ``scheduler_config.json`` present must parse too; every ``*.safetensors`` header must be intact and
+    cover the whole file (a truncated or bit-flipped file fails here). Raises one-line ``ValueError``s that
+    name the file and the fix. Reads headers only, so it costs milliseconds.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(folder)
+    if config_name is not None and not (folder / config_name).is_file():
+        raise ValueError(
+            f"{folder} has no {config_name}: not a saved checkpoint folder (save it with save_pretrained)"
+        )
+    names = {name for name in (config_name, "config.json", "scheduler_config.json") if name is not None}
+    for path in sorted(folder / name for name in names):
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(
+                f"{path} is not valid JSON ({error}); restore it or save the model again with save_pretrained"
+            ) from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{path} must hold a JSON object; restore it or save the model again")
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="np"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"{path} is damaged ({error}); download it again or re-save the model with save_pretrained"
+            ) from None
+
+
+def check_model_source(model: str | os.PathLike, pipeline: bool = False) -> None:
+    """Refuse, in one line naming ``model`` and the fix, what cannot be a checkpoint before any loading.
+
+    A folder must be an intact saved checkpoint (:func:`check_model_folder`; with ``pipeline``, a diffusers
+    pipeline: ``model_index.json`` and each component folder); anything else must be a well-formed Hub id,
+    so that a mistyped path is reported as a missing folder, not as a malformed repo id.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    text = str(model)
+    folder = Path(text).expanduser()
+    if folder.is_dir():
+        if not pipeline:
+            check_model_folder(folder)
+            _check_model_type(folder / "config.json")
+            return
+        check_model_folder(folder, "model_index.json")
+        index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+        for component, entry in index.items():
+            if isinstance(entry, list) and (folder / component).is_dir():
+                check_model_folder(folder / component, config_name=None)
+        return
+    kind = "pipeline" if pipeline else "checkpoint"
+    if folder.exists():
+        raise ValueError(f"{text} is a file; give the {kind} folder that save_pretrained wrote, or a Hub id")
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        raise ValueError(
+            f"{text} does not exist: give an existing {kind} folder or a Hub id (namespace/name)"
+        ) from None
+
+
+def _check_model_type(config_path: Path) -> None:
+    """transformers' Auto classes need ``model_type`` in ``config.json``; say so in one line."""
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    if not isinstance(config.get("model_type"), str):
+        raise ValueError(
+            f"{config_path} has no model_type: not a transformers checkpoint; save the model with "
+            "save_pretrained (a diffusers pipeline takes --metrics fid)"
+        )
+
+
 def load_encoder(model_or_id, revision: str | None = None) -> tuple[PreTrainedModel, object | None]:
-    """A model and its image processor (None when the checkpoint has none) from an object, Hub id or dir."""
+    """A model and its image processor (None when the checkpoint has none) from an object, Hub id or dir.
+
+    A path or id is checked first (:func:`check_model_source`), and a model that still fails to load is
+    reported as a one-line ``ValueError`` naming it.
+    """
     if isinstance(model_or_id, torch.nn.Module):
         return model_or_id, None
     import hf_resdecay  # noqa: F401  (registers the decayed models with the Auto classes)
 
-    model = AutoModel.from_pretrained(model_or_id, revision=revision)
+    check_model_source(model_or_id)
+    try:
+        model = AutoModel.from_pretrained(model_or_id, revision=revision)
+    except OSError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ValueError(
+            f"could not load the model {model_or_id} ({reason}); check the folder, or the Hub id and revision"
+        ) from error
     try:
         processor = AutoImageProcessor.from_pretrained(model_or_id, revision=revision)
     except (OSError, ValueError):
@@ -217,7 +316,10 @@ def extract_features(
     :func:`resolve_layers`, so ``(2, -1)`` on a 2-block model is layer 2 once); ``pooling`` is ``"mean"`` (all
     tokens, CLS included; spatial mean for CNNs), ``"cls"`` or ``"pooler"`` (the model's pooler output,
     last layer only). Images stream through in batches under ``torch.inference_mode``. With ``cache``,
-    results are stored under ``cache_dir`` keyed by the model's weights and the dataset's fingerprint.
+    results are stored under ``cache_dir`` keyed by the model's weights and the dataset's fingerprint, with
+    the SHA-256 of each entry beside it: an entry that fails the check or cannot be read is logged, deleted
+    and recomputed. ``cache=False`` recomputes and replaces any entry under the same key.
+    ``FeatureSet.from_cache`` tells which happened.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}; got {pooling!r}")
@@ -247,11 +349,16 @@ def extract_features(
         "samples": total,
     }
     cache_file = None
-    if cache and key_parts["dataset"] is not None:
+    if key_parts["dataset"] is not None:
         key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
         cache_file = Path(cache_dir or default_cache_dir() / "features") / f"{key}.npz"
-        if cache_file.exists():
-            return _load_feature_file(cache_file)
+        if not cache:  # recompute; a stale or damaged entry under this key is replaced, never left behind
+            cache_file = cache_file if cache_file.exists() or _record_path(cache_file).exists() else None
+        else:
+            cached = _read_cache_entry(cache_file, key, indices, total)
+            if cached is not None:
+                _note_source(cached)
+                return cached
 
     was_training = base.training
     base.eval()
@@ -297,7 +404,8 @@ def extract_features(
         },
     )
     if cache_file is not None:
-        _save_feature_file(cache_file, result)
+        _save_cache_entry(cache_file, key, result)
+    _note_source(result)
     return result
 
 
@@ -330,6 +438,78 @@ def encoder_feature_fn(
             return _pool(outputs.hidden_states[-1], pooling).float().cpu()
 
     return features, size
+
+
+_FEATURE_SOURCES: contextvars.ContextVar[list[dict] | None] = contextvars.ContextVar(
+    "hf_resdecay_feature_sources", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_feature_sources() -> Iterator[list[dict]]:
+    """Yield a list that gets one ``{"from_cache": bool, "samples": int}`` per :func:`extract_features` call
+    made inside the block, in call order: how a command records, next to its results, which features were
+    reused from the disk cache (functions such as ``evaluate_representations`` do not return them)."""
+    sources: list[dict] = []
+    token = _FEATURE_SOURCES.set(sources)
+    try:
+        yield sources
+    finally:
+        _FEATURE_SOURCES.reset(token)
+
+
+def _note_source(result: FeatureSet) -> None:
+    sources = _FEATURE_SOURCES.get()
+    if sources is not None:
+        sources.append({"from_cache": result.from_cache, "samples": int(result.meta.get("samples", 0))})
+
+
+def _record_path(cache_file: Path) -> Path:
+    """The JSON record next to a cache entry: its key and the SHA-256 of the ``.npz``."""
+    return cache_file.with_suffix(".json")
+
+
+def _drop_cache_entry(cache_file: Path) -> None:
+    for path in (cache_file, _record_path(cache_file)):
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
+
+
+def _read_cache_entry(
+    cache_file: Path, key: str, layers: list[int] | None, samples: int
+) -> FeatureSet | None:
+    """The cached features when the entry matches its recorded SHA-256 and the request; else None.
+
+    A damaged, truncated, forged or unreadable entry is logged in one line and deleted, so the caller
+    recomputes it and the next run is not stuck on it.
+    """
+    record_path = _record_path(cache_file)
+    if not cache_file.exists() and not record_path.exists():
+        return None
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        if not isinstance(record, dict) or record.get("key") != key or "sha256" not in record:
+            raise ValueError(f"{record_path.name} does not record this entry's key and SHA-256")
+        if sha256_of(cache_file) != record["sha256"]:
+            raise ValueError("its SHA-256 differs from the one recorded when it was written")
+        result = _load_feature_file(cache_file)
+        rows = {len(values) for values in result.features.values()}
+        if rows != {samples} or (layers is not None and sorted(result.features) != sorted(layers)):
+            raise ValueError(f"it holds layers {result.layers} x {sorted(rows)} rows, not what was asked")
+    except Exception as error:  # whatever is wrong with a cache entry, recomputing it fixes it
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning(f"feature cache {cache_file} is unusable ({reason}); recomputing the features")
+        _drop_cache_entry(cache_file)
+        return None
+    result.from_cache = True
+    return result
+
+
+def _save_cache_entry(cache_file: Path, key: str, result: FeatureSet) -> None:
+    """Write the features, then the record of their SHA-256; each file appears whole or not at all."""
+    _drop_cache_entry(cache_file)  # a reader never pairs a new file with an old record
+    _save_feature_file(cache_file, result)
+    write_json_atomic({"key": key, "sha256": sha256_of(cache_file)}, _record_path(cache_file))
 
 
 def _save_feature_file(path: Path, result: FeatureSet) -> None:
