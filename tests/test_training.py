@@ -81,7 +81,7 @@ def test_checkpoints_save_resume_and_rotate(tmp_path):
     assert resolve_resume(tmp_path, None) is None and resolve_resume(tmp_path / "none", "latest") is None
     with torch.no_grad():
         model.weight.zero_()
-    assert resume_state(accelerator, tmp_path, str(tmp_path / "checkpoint-20")) == 20
+    assert resume_state(accelerator, tmp_path, str(tmp_path / "checkpoint-20")) == (20, {})
     assert torch.all(model.weight == 20)
     assert not (tmp_path / "checkpoint-40.partial").exists()
     with pytest.raises(ValueError, match="no such checkpoint directory"):

@@ -15,14 +15,15 @@ is saved.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
-import kornia.augmentation as K
 import torch
 from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
@@ -32,7 +33,7 @@ from transformers import HfArgumentParser, get_cosine_schedule_with_warmup
 import hf_resdecay
 from hf_resdecay import alpha_eff
 from hf_resdecay.atomic import atomic_write, write_json_atomic
-from hf_resdecay.data import EMBEDDED_DATASET, ImageCollator
+from hf_resdecay.data import EMBEDDED_DATASET
 from hf_resdecay.hub import results_to_eval_results, save_card_atomic
 from hf_resdecay.pipelines import make_pipeline_portable
 from hf_resdecay.sampling import OBJECTIVES, diffusion_loss, image_grid, make_scheduler, sample_images
@@ -40,20 +41,24 @@ from hf_resdecay.training import (
     CommonTrainingArguments,
     DataArguments,
     MetricsLog,
+    TrainingLoop,
+    enable_gradient_checkpointing,
     fail,
     given_flags,
+    input_dtype,
     load_splits,
     make_accelerator,
+    make_ema,
     parameter_groups,
+    plan_steps,
     publish_directory,
     push_final_model,
-    push_folder,
     resume_state,
     run_settings,
-    save_checkpoint,
-    step_rng,
-    stop_if_diverged,
+    stream_steps_per_epoch,
+    unsharded_model,
 )
+from hf_resdecay.training.images import ImageTransform, training_loader
 
 SCRIPT = Path(__file__).name
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "diffusion_decay.md"
@@ -163,20 +168,30 @@ def check_arguments(model_args: ModelArguments, args: TrainingArguments) -> None
             raise ValueError(f"--{name} must be >= 1; got {getattr(args, name)}")
 
 
-def sample_grid(model, ema, scheduler, args, num_classes: int | None, path: Path) -> None:
-    """Write a PNG grid of samples from the EMA weights (class ``i % C`` for image ``i`` of a DiT)."""
-    if ema is not None:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
+@contextlib.contextmanager
+def ema_weights(ema, model) -> Iterator[None]:
+    """Run a block with the EMA average in ``model``'s parameters (every process: its own slices), then put
+    the trained weights back; without EMA, the weights as they are."""
+    if ema is None:
+        yield
+        return
+    ema.store(model.parameters())
+    ema.copy_to(model.parameters())
     try:
-        labels = torch.arange(args.num_samples) % num_classes if num_classes else None
-        generator = torch.Generator().manual_seed(args.seed)
-        images = sample_images(
-            model, scheduler, args.num_samples, args.num_inference_steps, labels, generator=generator
-        )
+        yield
     finally:
-        if ema is not None:
-            ema.restore(model.parameters())
+        ema.restore(model.parameters())
+
+
+def sample_grid(model, scheduler, args, num_classes: int | None, path: Path) -> None:
+    """Write a PNG grid of samples from ``model`` (class ``i % C`` for image ``i`` of a DiT)."""
+    labels = torch.arange(args.num_samples) % num_classes if num_classes else None
+    generator = torch.Generator().manual_seed(args.seed)
+    was_training = model.training
+    images = sample_images(
+        model, scheduler, args.num_samples, args.num_inference_steps, labels, generator=generator
+    )
+    model.train(was_training)
     with atomic_write(path, "wb") as handle:
         image_grid(images, rows=int(math.sqrt(args.num_samples)) or 1).save(handle, format="PNG")
 
@@ -247,11 +262,18 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         check_arguments(model_args, args)
-        train, _, image_column, label_column = load_splits(data_args)
+    except ValueError as error:
+        fail(str(error))
+    accelerator = make_accelerator(args)
+    try:
+        with accelerator.main_process_first():  # one process downloads and caches, the others read
+            train, _, image_column, label_column = load_splits(data_args)
     except ValueError as error:
         fail(str(error))
     output_dir = Path(args.output_dir)
-    channels = model_args.num_channels or (1 if train[0][image_column].mode in ("L", "1", "I", "F") else 3)
+    checkpoints = output_dir / "checkpoints"
+    first = next(iter(train))[image_column]
+    channels = model_args.num_channels or (1 if first.mode in ("L", "1", "I", "F") else 3)
     class_names = getattr(train.features.get(label_column), "names", None) if label_column else None
     num_classes = len(class_names) if class_names and model_args.model == "dit" else None
     set_seed(args.seed)  # model initialisation
@@ -259,48 +281,38 @@ def main(argv: list[str] | None = None) -> None:
         model = build_model(model_args, channels, num_classes, given_flags(parser, argv))
     except (ValueError, TypeError, OSError) as error:
         fail(" ".join(str(error).split()))
-    from diffusers.training_utils import EMAModel
-
-    accelerator = make_accelerator(args)
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     scheduler_kind = make_scheduler(args.objective, args.num_train_timesteps)
-    size = model.config.sample_size
-    collate = ImageCollator(image_column, size, channels, label_column if num_classes else None)
-    columns = [image_column] + ([label_column] if num_classes else [])
-    loader = torch.utils.data.DataLoader(
-        train.select_columns(columns),
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        collate_fn=collate,
-    )
-    flip = K.RandomHorizontalFlip() if data_args.hflip else torch.nn.Identity()
+    transform = ImageTransform(model.config.sample_size, channels, "center", hflip=data_args.hflip)
+    labels = label_column if num_classes else None
+    loader, data = training_loader(accelerator, train, image_column, transform, args, data_args, labels)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.999)
     )
-    ema = None
-    if args.use_ema:
-        ema = EMAModel(
-            model.parameters(), decay=args.ema_decay, model_cls=type(model), model_config=model.config
-        )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema = make_ema(model.parameters(), args.ema_decay, accelerator.device) if args.use_ema else None
+    if ema is not None:
         accelerator.register_for_checkpointing(ema)
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    global_batch = (
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    )
-    if steps_per_epoch == 0:
-        fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
-    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    accumulation = accelerator.gradient_accumulation_steps  # the launcher's config may have set it
+    global_batch = args.per_device_train_batch_size * accumulation * accelerator.num_processes
+    if data_args.streaming:
+        steps_per_epoch = stream_steps_per_epoch(train, global_batch, data_args.train_split)
+    else:
+        steps_per_epoch = math.ceil(len(loader) / accumulation)
+        if steps_per_epoch == 0:
+            fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
+    try:
+        total_steps, warmup_steps = plan_steps(args, steps_per_epoch)
+    except ValueError as error:
+        fail(str(error))
+    epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     accelerator.register_for_checkpointing(lr_schedule)
-    checkpoints = output_dir / "checkpoints"
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        start_step = resume_state(accelerator, checkpoints, args.resume_from_checkpoint)
+        start_step, position = resume_state(accelerator, checkpoints, args.resume_from_checkpoint)
     except ValueError as error:
         fail(str(error))
     if args.report_to != "none":
@@ -308,111 +320,85 @@ def main(argv: list[str] | None = None) -> None:
             "train_diffusion", config={"model": model_args.model, "lr": args.learning_rate}
         )
     log = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl", trackers=args.report_to != "none")
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    images = f"{len(train)} training images" if not data_args.streaming else "streamed training images"
     accelerator.print(
-        f"{len(train)} training images ({channels} channel(s), {num_classes or 'no'} classes), {total_steps} "
-        f"steps ({epochs} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
+        f"{images} ({channels} channel(s), {num_classes or 'no'} classes), {total_steps} steps "
+        f"({epochs or '?'} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
         f"{unwrapped.config.shortcut_decay}, alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
         f"objective {args.objective}; run {run_settings(accelerator, args.learning_rate, global_batch)}"
     )
 
+    dtype = input_dtype(model)
+
+    def train_step(batch: dict, generator: torch.Generator, log_now: bool) -> tuple[torch.Tensor, dict]:
+        clean = (batch["pixel_values"].float() / 127.5 - 1).to(dtype)  # uint8 to [-1, 1]
+        loss = diffusion_loss(model, scheduler_kind, clean, batch.get("labels"), generator)
+        return loss, {}
+
     def saved_weights() -> list[torch.Tensor]:
         """What a checkpoint or the final model holds: the weights and, with EMA, their average."""
-        return [*unwrapped.parameters(), *(ema.shadow_params if ema is not None else [])]
+        return [*model.parameters(), *(ema.shadow_params if ema is not None else [])]
 
-    step, last_loss = start_step, float("nan")
-    progress = tqdm(
-        total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
-    )
-    model.train()
-    for epoch in range(start_step // steps_per_epoch, epochs):
-        loader.set_epoch(epoch)
-        done_in_epoch = step - epoch * steps_per_epoch
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
-        for micro, batch in enumerate(batches):
-            micro_index = micro % args.gradient_accumulation_steps
-            with (
-                accelerator.accumulate(model),
-                step_rng(args.seed, accelerator.process_index, step, micro_index) as generator,
-            ):
-                clean = flip(batch["pixel_values"]) * 2 - 1
-                loss = diffusion_loss(model, scheduler_kind, clean, batch.get("labels"), generator)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:  # once per optimizer step, not per micro-batch
-                    lr_schedule.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            if ema is not None:
-                ema.step(unwrapped.parameters())
-            last_loss = accelerator.gather(loss.detach().reshape(1)).mean().item()
-            stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, loss=last_loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
-            if step % args.logging_steps == 0:
-                log({"loss": last_loss, "lr": lr_schedule.get_last_lr()[0]}, step)
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, parameters=saved_weights())
-                saved = save_checkpoint(accelerator, checkpoints, step, args.checkpoints_total_limit)
-                if args.push_to_hub and args.hub_strategy == "checkpoint" and accelerator.is_main_process:
-                    push_folder(saved, args, f"checkpoint at step {step}", SCRIPT, "last-checkpoint")
-            if step >= total_steps:
-                break
-        if args.sample_every and (epoch + 1) % args.sample_every == 0 and step < total_steps:
-            stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, parameters=saved_weights())
+    def end_of_epoch(epoch: int, step: int) -> None:
+        if not (args.sample_every and epoch % args.sample_every == 0):
+            return
+        grid = output_dir / "samples" / f"epoch_{epoch:04d}.png"
+        with ema_weights(ema, model):
+            averaged = unsharded_model(accelerator, model)  # every process: gathers sharded weights
             if accelerator.is_main_process:
-                grid = output_dir / "samples" / f"epoch_{epoch + 1:04d}.png"
-                sample_grid(unwrapped, ema, make_scheduler(args.objective, args.num_train_timesteps), args,
-                            num_classes, grid)  # fmt: skip
-                accelerator.print(f"epoch {epoch + 1}: samples in {grid}")
-            accelerator.wait_for_everyone()
-            model.train()
-        if step >= total_steps:
-            break
-    progress.close()
-    stop_if_diverged(accelerator, step, args.learning_rate, LR_FLAG, parameters=saved_weights())
+                scheduler = make_scheduler(args.objective, args.num_train_timesteps)
+                sample_grid(averaged, scheduler, args, num_classes, grid)
+                tqdm.write(f"epoch {epoch}: samples in {grid}")
 
+    loop = TrainingLoop(
+        accelerator, model, optimizer, lr_schedule, loader, data, args, total_steps, checkpoints, log,
+        LR_FLAG, args.learning_rate, SCRIPT, train_step, streaming=data_args.streaming,
+        end_of_epoch=end_of_epoch, saved_weights=saved_weights,
+        after_step=(lambda: ema.step(model.parameters())) if ema is not None else None,
+    )  # fmt: skip
+    done = loop.run(start_step, position, None if data_args.streaming else steps_per_epoch)
+    epochs = epochs or done.epochs
+
+    if ema is not None:
+        ema.copy_to(model.parameters())  # the saved model is the EMA model (every process: its own slice)
+    final = unsharded_model(accelerator, model)  # every process: gathers sharded weights
     if accelerator.is_main_process:
-        results = {"final_loss": last_loss, "steps": step, "epochs": epochs, "summary": {}}
+        results = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs, "summary": {}}
         results["run"] = run_settings(accelerator, args.learning_rate, global_batch)
-        if ema is not None:
-            ema.copy_to(unwrapped.parameters())  # the saved model is the EMA model
         sampler = make_scheduler(args.objective, args.num_train_timesteps)
         staging = output_dir / ".final.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        sample_grid(unwrapped, None, sampler, args, num_classes, staging / "samples" / "final.png")
+        sample_grid(final, sampler, args, num_classes, staging / "samples" / "final.png")
         class_name, subfolder = FAMILIES[model_args.model]
         if model_args.model == "unet":
             from diffusers import DDPMPipeline
 
-            DDPMPipeline(unet=unwrapped, scheduler=sampler).save_pretrained(staging)
+            DDPMPipeline(unet=final, scheduler=sampler).save_pretrained(staging)
             make_pipeline_portable(staging)
         else:
-            unwrapped.save_pretrained(staging / subfolder)
+            final.save_pretrained(staging / subfolder)
             sampler.save_pretrained(staging / "scheduler")
         results["model"] = {
             "class": class_name,
-            "shortcut_coefficients": unwrapped.shortcut_coefficients,
-            "alpha_eff": alpha_eff(unwrapped.shortcut_coefficients),
+            "shortcut_coefficients": final.shortcut_coefficients,
+            "alpha_eff": alpha_eff(final.shortcut_coefficients),
         }
         repo_id = args.hub_model_id or output_dir.name
         dataset_name = data_args.dataset_name or data_args.train_dir or EMBEDDED_DATASET
         info = SimpleNamespace(
-            results=results, scheduler=sampler, steps=step, epochs=epochs, global_batch=global_batch,
+            results=results, scheduler=sampler, steps=done.step, epochs=epochs, global_batch=global_batch,
             warmup_steps=warmup_steps,
         )  # fmt: skip
+        train_size = len(train) if not data_args.streaming else "streamed"
         card = render_card(
-            unwrapped, model_args, args, repo_id, dataset_name, len(train), channels, num_classes, vars(info)
+            final, model_args, args, repo_id, dataset_name, train_size, channels, num_classes, vars(info)
         )
         save_card_atomic(card, staging / "README.md")
         marker = "model_index.json" if model_args.model == "unet" else f"{subfolder}/config.json"
         publish_directory(staging, output_dir, marker=marker)
         write_json_atomic(results, output_dir / "results.json")
-        print(f"final training loss {last_loss:.4f}; model saved to {output_dir}", flush=True)
+        print(f"final training loss {done.last_loss:.4f}; model saved to {output_dir}", flush=True)
     accelerator.wait_for_everyone()
     if args.report_to != "none":
         accelerator.end_training()

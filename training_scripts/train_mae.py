@@ -22,7 +22,6 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import kornia.augmentation as K
 import torch
 from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
@@ -33,31 +32,33 @@ from transformers import HfArgumentParser, ViTImageProcessorPil, get_cosine_sche
 import hf_resdecay
 from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining, alpha_eff
 from hf_resdecay.atomic import write_json_atomic
-from hf_resdecay.data import EMBEDDED_DATASET, ImageCollator, subset
+from hf_resdecay.data import EMBEDDED_DATASET, subset
 from hf_resdecay.evaluation import KNN_PROTOCOL, extract_features, knn_accuracy
 from hf_resdecay.hub import results_to_eval_results, save_card_atomic
 from hf_resdecay.training import (
     CommonTrainingArguments,
     DataArguments,
     MetricsLog,
+    TrainingLoop,
+    enable_gradient_checkpointing,
     fail,
     given_flags,
+    input_dtype,
     load_splits,
     make_accelerator,
     parameter_groups,
+    plan_steps,
     publish_directory,
     push_final_model,
-    push_folder,
     resume_state,
     run_settings,
-    save_checkpoint,
-    step_rng,
-    stop_if_diverged,
+    stream_steps_per_epoch,
+    unsharded_model,
 )
+from hf_resdecay.training.images import ImageTransform, Normalize, normalization_stats, training_loader
 
 SCRIPT = Path(__file__).name
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "vit_mae_decay.md"
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 LR_FLAG = "--base_learning_rate"
 
 
@@ -149,21 +150,23 @@ def build_model(model_args: ModelArguments, given: set[str]) -> ViTMAEDecayForPr
     return model if model is not None else ViTMAEDecayForPreTraining(config)
 
 
-def augmentation(image_size: int, channels: int, hflip: bool) -> torch.nn.Module:
-    """MAE's training augmentation on a batch: RandomResizedCrop(scale 0.2-1, bicubic), flip, normalise."""
-    steps = [K.RandomResizedCrop((image_size, image_size), scale=(0.2, 1.0), resample="BICUBIC")]
-    if hflip:
-        steps.append(K.RandomHorizontalFlip())
-    steps.append(K.Normalize(mean=torch.tensor(MEAN[:channels]), std=torch.tensor(STD[:channels])))
-    return K.AugmentationSequential(*steps)
+def image_statistics(model_args: ModelArguments, channels: int) -> tuple[tuple, tuple]:
+    """Normalisation of the checkpoint's image processor when it has one, else ImageNet's (MAE's)."""
+    processor = None
+    if model_args.model_name_or_path:
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_args.model_name_or_path)
+        except (OSError, ValueError):  # no preprocessor_config.json: a bare model
+            processor = None
+    return normalization_stats(channels, processor)
 
 
-def eval_processor(image_size: int, channels: int) -> ViTImageProcessorPil:
+def eval_processor(image_size: int, mean: tuple, std: tuple) -> ViTImageProcessorPil:
     """Test-time preprocessing saved with the model: resize and the training normalisation."""
     return ViTImageProcessorPil(
-        size={"height": image_size, "width": image_size},
-        image_mean=list(MEAN[:channels]),
-        image_std=list(STD[:channels]),
+        size={"height": image_size, "width": image_size}, image_mean=list(mean), image_std=list(std)
     )
 
 
@@ -261,137 +264,106 @@ def main(argv: list[str] | None = None) -> None:
     checkpoints = output_dir / "checkpoints"
     set_seed(args.seed)  # model initialisation
     model = build_model(model_args, given_flags(parser, argv))
+    accelerator = make_accelerator(args)
     try:
-        train, validation, image_column, label_column = load_splits(data_args)
+        with accelerator.main_process_first():  # one process downloads and caches, the others read
+            train, validation, image_column, label_column = load_splits(data_args)
     except ValueError as error:
         fail(str(error))
 
-    accelerator = make_accelerator(args)
-    args.hflip = data_args.hflip
     has_labels = validation is not None and label_column is not None and label_column in validation.features
     if has_labels:  # fixed random subsets for the kNN monitor (a class-sorted folder would bias a prefix)
-        knn_bank = subset(train, args.knn_train_samples, seed=args.seed)
+        knn_bank = subset(train, args.knn_train_samples, seed=args.seed) if not data_args.streaming else None
         knn_queries = subset(validation, args.knn_eval_samples, seed=args.seed)
+        if data_args.streaming:  # a stream is read once, for training: bank and queries split validation
+            shuffled = validation.shuffle(seed=args.seed)
+            queries = min(args.knn_eval_samples, len(shuffled) // 2)
+            knn_queries = shuffled.select(range(queries))
+            knn_bank = shuffled.select(range(queries, min(len(shuffled), queries + args.knn_train_samples)))
     dataset_name = data_args.dataset_name or data_args.train_dir or EMBEDDED_DATASET
     config = model.config
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    processor = eval_processor(image_size, config.num_channels)
-    augment = augmentation(image_size, config.num_channels, data_args.hflip)
-
-    loader = torch.utils.data.DataLoader(
-        train.select_columns([image_column]),
-        batch_size=args.per_device_train_batch_size,
-        shuffle=True,
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
-        collate_fn=ImageCollator(image_column, image_size, config.num_channels),
-    )
-    global_batch = (
-        args.per_device_train_batch_size * args.gradient_accumulation_steps * accelerator.num_processes
-    )
-    args.global_batch_size = global_batch
+    mean, std = image_statistics(model_args, config.num_channels)
+    processor = eval_processor(image_size, mean, std)
+    transform = ImageTransform(image_size, config.num_channels, "random-resized", hflip=data_args.hflip)
+    loader, data = training_loader(accelerator, train, image_column, transform, args, data_args)
+    accumulation = accelerator.gradient_accumulation_steps  # the launcher's config may have set it
+    global_batch = args.per_device_train_batch_size * accumulation * accelerator.num_processes
+    args.global_batch_size, args.hflip = global_batch, data_args.hflip  # for the card
     learning_rate = args.base_learning_rate * global_batch / 256
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(0.9, 0.95)
     )
-    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
-    if steps_per_epoch == 0:
-        fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
-    total_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if data_args.streaming:
+        steps_per_epoch = stream_steps_per_epoch(train, global_batch, data_args.train_split)
+    else:
+        steps_per_epoch = math.ceil(len(loader) / accumulation)
+        if steps_per_epoch == 0:
+            fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
+    try:
+        total_steps, warmup_steps = plan_steps(args, steps_per_epoch)
+    except ValueError as error:
+        fail(str(error))
+    epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
     accelerator.register_for_checkpointing(scheduler)
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     try:
-        start_step = resume_state(accelerator, checkpoints, args.resume_from_checkpoint)
+        start_step, position = resume_state(
+            accelerator, output_dir / "checkpoints", args.resume_from_checkpoint
+        )
     except ValueError as error:
         fail(str(error))
     if args.report_to != "none":
         accelerator.init_trackers("train_mae", config={**asdict(model_args), "lr": learning_rate})
-
     log = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl", trackers=args.report_to != "none")
-    unwrapped = accelerator.unwrap_model(model)
+    coefficients = accelerator.unwrap_model(model, keep_torch_compile=False).shortcut_coefficients
+    images = f"{len(train)} training images" if not data_args.streaming else "streamed training images"
     accelerator.print(
-        f"{len(train)} training images, {total_steps} steps ({epochs} epochs), global batch {global_batch}, "
+        f"{images}, {total_steps} steps ({epochs or '?'} epochs), global batch {global_batch}, "
         f"lr {learning_rate:.3g}; shortcut_decay={config.shortcut_decay} ({config.shortcut_schedule}), "
-        f"alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
+        f"alpha_eff={alpha_eff(coefficients):.3g}; "
         f"run {run_settings(accelerator, learning_rate, global_batch)}"
     )
 
-    knn_history = []
-    step = start_step
-    last_loss = float("nan")
-    progress = tqdm(
-        total=total_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="train"
-    )
-    model.train()
-    for epoch in range(start_step // steps_per_epoch, epochs):
-        loader.set_epoch(epoch)
-        done_in_epoch = step - epoch * steps_per_epoch
-        batches = accelerator.skip_first_batches(loader, done_in_epoch * args.gradient_accumulation_steps)
-        for micro, batch in enumerate(batches):
-            micro_index = micro % args.gradient_accumulation_steps  # skips are whole steps, so this aligns
-            with (
-                accelerator.accumulate(model),
-                step_rng(args.seed, accelerator.process_index, step, micro_index),
-            ):
-                pixel_values = augment(batch["pixel_values"])
-                log_now = (step + 1) % args.logging_steps == 0 and accelerator.sync_gradients
-                outputs = model(pixel_values=pixel_values, output_hidden_states=log_now)
-                accelerator.backward(outputs.loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                if accelerator.sync_gradients:  # once per optimizer step, not per micro-batch
-                    scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            last_loss = accelerator.gather(outputs.loss.detach().reshape(1)).mean().item()
-            stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, loss=last_loss)
-            progress.update(1)
-            progress.set_postfix(loss=f"{last_loss:.4f}", epoch=epoch)
-            if log_now:
-                log(
-                    {
-                        "loss": last_loss,
-                        "lr": scheduler.get_last_lr()[0],
-                        **feature_norms(outputs.hidden_states),
-                    },
-                    step,
-                )
-            if args.checkpointing_steps and step % args.checkpointing_steps == 0:
-                stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, parameters=model.parameters())
-                saved = save_checkpoint(accelerator, checkpoints, step, args.checkpoints_total_limit)
-                if args.push_to_hub and args.hub_strategy == "checkpoint" and accelerator.is_main_process:
-                    push_folder(saved, args, f"checkpoint at step {step}", SCRIPT, "last-checkpoint")
-            if step >= total_steps:
-                break
-        if has_labels and args.eval_every and (epoch + 1) % args.eval_every == 0 and step < total_steps:
-            stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, parameters=model.parameters())
-            if accelerator.is_main_process:
-                top1 = knn_monitor(unwrapped, processor, knn_bank, knn_queries, image_column, label_column)
-                knn_history.append({"epoch": epoch + 1, "step": step, "knn_top1": top1})
-                log({"knn_top1": top1}, step)
-                accelerator.print(f"epoch {epoch + 1}: kNN top-1 {top1:.2f}%")
-            accelerator.wait_for_everyone()
-            model.train()
-        if step >= total_steps:
-            break
-    progress.close()
-    stop_if_diverged(accelerator, step, learning_rate, LR_FLAG, parameters=model.parameters())
+    normalize = Normalize(mean, std).to(accelerator.device)
+    dtype = input_dtype(model)
 
-    results: dict = {"final_loss": last_loss, "steps": step, "epochs": epochs, "knn_history": knn_history}
-    results["run"] = run_settings(accelerator, learning_rate, global_batch)
+    def train_step(batch: dict, generator: torch.Generator, log_now: bool) -> tuple[torch.Tensor, dict]:
+        outputs = model(pixel_values=normalize(batch["pixel_values"], dtype), output_hidden_states=log_now)
+        return outputs.loss, feature_norms(outputs.hidden_states) if log_now else {}
+
+    knn_history = []
+
+    def end_of_epoch(epoch: int, step: int) -> None:
+        if not (has_labels and args.eval_every and epoch % args.eval_every == 0):
+            return
+        evaluated = unsharded_model(accelerator, model)  # every process: gathers sharded weights
+        if accelerator.is_main_process:
+            top1 = knn_monitor(evaluated, processor, knn_bank, knn_queries, image_column, label_column)
+            knn_history.append({"epoch": epoch, "step": step, "knn_top1": top1})
+            log({"knn_top1": top1}, step)
+            tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
+
+    loop = TrainingLoop(
+        accelerator, model, optimizer, scheduler, loader, data, args, total_steps, checkpoints, log, LR_FLAG,
+        learning_rate, SCRIPT, train_step, streaming=data_args.streaming, end_of_epoch=end_of_epoch,
+    )  # fmt: skip
+    done = loop.run(start_step, position, None if data_args.streaming else steps_per_epoch)
+    epochs = epochs or done.epochs
+
+    results: dict = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs}
+    results |= {"knn_history": knn_history, "run": run_settings(accelerator, learning_rate, global_batch)}
+    final = unsharded_model(accelerator, model)  # every process: gathers sharded weights
     if accelerator.is_main_process:
         results["summary"] = {}
         if has_labels:
-            top1 = knn_monitor(unwrapped, processor, knn_bank, knn_queries, image_column, label_column)
+            top1 = knn_monitor(final, processor, knn_bank, knn_queries, image_column, label_column)
             results["knn"] = {
                 "protocol": f"{KNN_PROTOCOL}, k=20, T=0.07",
                 "top1": top1,
@@ -401,26 +373,19 @@ def main(argv: list[str] | None = None) -> None:
             results["summary"]["knn_top1"] = top1
             print(f"final kNN top-1: {top1:.2f}%", flush=True)
         results["model"] = {
-            "shortcut_coefficients": unwrapped.shortcut_coefficients,
-            "alpha_eff": alpha_eff(unwrapped.shortcut_coefficients),
+            "shortcut_coefficients": final.shortcut_coefficients,
+            "alpha_eff": alpha_eff(final.shortcut_coefficients),
         }
         staging = output_dir / ".final.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        unwrapped.save_pretrained(staging)
+        final.save_pretrained(staging)
         processor.save_pretrained(staging)
         repo_id = args.hub_model_id or output_dir.name
+        train_size = len(train) if not data_args.streaming else "streamed"
         card = render_card(
-            unwrapped,
-            repo_id,
-            dataset_name,
-            len(train),
-            args,
-            results,
-            learning_rate,
-            warmup_steps,
-            step,
+            final, repo_id, dataset_name, train_size, args, results, learning_rate, warmup_steps, done.step,
             epochs,
-        )
+        )  # fmt: skip
         save_card_atomic(card, staging / "README.md")
         publish_directory(staging, output_dir)
         write_json_atomic(results, output_dir / "results.json")

@@ -57,17 +57,23 @@ def diffusion_loss(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Mean squared error of one training step on clean images in [-1, 1] (the objective follows
-    ``scheduler``: a ``FlowMatchEulerDiscreteScheduler`` trains velocities, any other trains noise)."""
-    noise = torch.randn(clean.shape, generator=generator).to(clean)
+    ``scheduler``: a ``FlowMatchEulerDiscreteScheduler`` trains velocities, any other trains noise).
+
+    Noise and timesteps are drawn with ``generator`` on its device (pass one on the model's device so that
+    nothing is drawn on the CPU and copied), else on ``clean``'s device from the global RNG."""
+    device = generator.device if generator is not None else clean.device  # draws where the generator is
+    noise = torch.randn(clean.shape, generator=generator, device=device).to(clean)
     count = scheduler.config.num_train_timesteps
     if _is_flow(scheduler):
-        t = torch.rand(len(clean), generator=generator).to(clean)
+        t = torch.rand(len(clean), generator=generator, device=device).to(clean.device)
         expanded = t.view(-1, *([1] * (clean.ndim - 1)))
-        noisy = (1 - expanded) * clean + expanded * noise
+        noisy = ((1 - expanded) * clean + expanded * noise).to(clean.dtype)
         prediction = denoise(model, noisy, t * count, class_labels)
         target = noise - clean
     else:
-        timesteps = torch.randint(0, count, (len(clean),), generator=generator).to(clean.device)
+        timesteps = torch.randint(0, count, (len(clean),), generator=generator, device=device).to(
+            clean.device
+        )
         noisy = scheduler.add_noise(clean, noise, timesteps)
         prediction = denoise(model, noisy, timesteps, class_labels)
         target = noise

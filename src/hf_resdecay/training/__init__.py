@@ -1,0 +1,78 @@
+"""Pieces shared by the training scripts: their common arguments and data loading, reproducible randomness,
+crash-safe checkpoints and outputs, a stop at the first non-finite loss, optimiser parameter groups, metric
+logs, and Hub uploads that retry.
+
+Reproducibility across a kill and a resume rests on two choices. Every random draw of an optimisation step
+(augmentation, masking, dropout) comes from a generator seeded by ``(seed, rank, step, micro-batch)``
+(:func:`step_rng`), so it does not depend on what ran before; and the data order comes from Accelerate's
+seedable sampler (``seed + epoch``). A run resumed from a checkpoint therefore replays exactly the steps an
+uninterrupted run would have taken.
+
+The package's modules, each one job: :mod:`.arguments` (flags and data), :mod:`.runtime` (Accelerator,
+RNG, divergence stop, schedule lengths, logs), :mod:`.checkpoints` (save and resume), :mod:`.distributed`
+(what must work on sharded models: gathering weights, evaluation copies, input dtypes, EMA), :mod:`.images`
+(the training image pipeline), :mod:`.loop` (the loop both scripts drive), :mod:`.publish` (atomic output,
+Hub).
+"""
+
+from .arguments import CommonTrainingArguments, DataArguments, fail, given_flags, load_splits
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    checkpoint_dirs,
+    checkpoint_step,
+    remove_partial_checkpoints,
+    resolve_resume,
+    resume_state,
+    save_checkpoint,
+)
+from .distributed import full_state_dict, input_dtype, is_sharded, make_ema, unsharded_model
+from .loop import LoopResult, TrainingLoop
+from .publish import publish_directory, push_final_model, push_folder, with_retries
+from .runtime import (
+    MetricsLog,
+    enable_gradient_checkpointing,
+    make_accelerator,
+    parameter_groups,
+    plan_steps,
+    run_settings,
+    step_rng,
+    step_seed,
+    stop_if_diverged,
+    stream_steps_per_epoch,
+)
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "CommonTrainingArguments",
+    "DataArguments",
+    "LoopResult",
+    "MetricsLog",
+    "TrainingLoop",
+    "checkpoint_dirs",
+    "checkpoint_step",
+    "enable_gradient_checkpointing",
+    "fail",
+    "full_state_dict",
+    "given_flags",
+    "input_dtype",
+    "is_sharded",
+    "load_splits",
+    "make_accelerator",
+    "make_ema",
+    "parameter_groups",
+    "plan_steps",
+    "publish_directory",
+    "push_final_model",
+    "push_folder",
+    "remove_partial_checkpoints",
+    "resolve_resume",
+    "resume_state",
+    "run_settings",
+    "save_checkpoint",
+    "step_rng",
+    "step_seed",
+    "stop_if_diverged",
+    "stream_steps_per_epoch",
+    "unsharded_model",
+    "with_retries",
+]

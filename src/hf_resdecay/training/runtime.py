@@ -1,0 +1,170 @@
+"""The running side of a training script: the Accelerator, per-step randomness, optimiser groups,
+a stop at the first non-finite loss, and metric logs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .distributed import local_tensors
+
+if TYPE_CHECKING:
+    from .arguments import CommonTrainingArguments
+
+
+def stop_if_diverged(
+    accelerator,
+    step: int,
+    learning_rate: float,
+    lr_flag: str,
+    loss: float | None = None,
+    parameters: Iterable[torch.Tensor] | None = None,
+) -> None:
+    """Exit with status 1 and a one-line error (main process) when ``loss`` or any of ``parameters`` is NaN
+    or inf: training on would waste the budget, and saving would publish broken weights.
+
+    Every process must call it with the same ``loss``, the value gathered over processes, so all ranks take
+    the same decision and stop together (none is left waiting at the next collective); the ``parameters``
+    verdict is gathered too. Call it before saving a checkpoint or the model, which then stays as it was.
+    """
+    problem = None
+    if loss is not None and not math.isfinite(loss):
+        problem = f"training loss ({loss})"
+    elif parameters is not None:
+        finite = all(bool(torch.isfinite(local).all()) for local in local_tensors(parameters))
+        flag = torch.tensor([0.0 if finite else 1.0], device=accelerator.device)
+        if accelerator.gather(flag).max().item() > 0:
+            problem = "weights"
+    if problem is None:
+        return
+    if accelerator.is_main_process:
+        tqdm.write(  # on a line of its own, not after a progress bar
+            f"error: non-finite {problem} at step {step}, lr {learning_rate:.3g}: lower {lr_flag} or set "
+            "--max_grad_norm (e.g. 1.0); the model was not saved",
+            file=sys.stderr,
+        )
+    raise SystemExit(1)
+
+
+def make_accelerator(args: CommonTrainingArguments):
+    """The ``Accelerator`` of a training script: accumulation, precision, trackers, ``--torch_compile``
+    (Accelerate's dynamo plugin compiles the model in ``prepare``), and a seedable sampler (``seed + epoch``
+    orders the data, so a resumed run replays the same batches).
+
+    Precision and accumulation given to ``accelerate launch`` or its config win over the script's defaults:
+    read them back from the accelerator, never from ``args``.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin
+
+    return Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(args.output_dir), logging_dir=str(Path(args.output_dir) / "logs")
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
+    )
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute activations in the backward pass, through the model family's own switch (transformers'
+    ``gradient_checkpointing_enable``, diffusers' ``enable_gradient_checkpointing``)."""
+    if hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    else:
+        raise ValueError(f"--gradient_checkpointing: {type(model).__name__} has no gradient checkpointing")
+
+
+def plan_steps(args: CommonTrainingArguments, steps_per_epoch: int | None) -> tuple[int, int]:
+    """``(total_steps, warmup_steps)`` of the lr schedule from the flags and the optimizer steps of an epoch
+    (None for a stream of unknown size, which then needs ``--max_train_steps`` and ``--warmup_steps``)."""
+    if args.max_train_steps is None and not steps_per_epoch:
+        raise ValueError("the training data have no known length: give --max_train_steps")
+    total = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.warmup_steps is not None:
+        return total, args.warmup_steps
+    if not steps_per_epoch:
+        raise ValueError("the training data have no known length: give --warmup_steps")
+    return total, round(args.warmup_epochs * steps_per_epoch)
+
+
+def stream_steps_per_epoch(stream, global_batch: int, split: str = "train") -> int | None:
+    """Optimizer steps in one pass over a stream, from the size its dataset's metadata records (None when
+    unknown); a last partial global batch is dropped, as the loaders drop it."""
+    splits = getattr(getattr(stream, "info", None), "splits", None) or {}
+    count = getattr(splits.get(split), "num_examples", None)
+    return count // global_batch if count else None
+
+
+def run_settings(accelerator, learning_rate: float, global_batch: int) -> dict:
+    """What the run really uses, whatever the flags, launcher and config said: printed at the start and
+    written to ``results.json`` under ``"run"``."""
+    return {
+        "mixed_precision": accelerator.mixed_precision,
+        "num_processes": accelerator.num_processes,
+        "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
+        "global_batch": global_batch,
+        "learning_rate": learning_rate,
+    }
+
+
+def step_seed(seed: int, *indices: int) -> int:
+    """A 63-bit seed derived from ``seed`` and integer indices (rank, step, micro-batch...)."""
+    return int(np.random.SeedSequence([seed, *indices]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+@contextlib.contextmanager
+def step_rng(seed: int, *indices: int, device: torch.device | str = "cpu") -> Iterator[torch.Generator]:
+    """Run a block with torch's global RNG seeded from ``(seed, *indices)``, restoring it afterwards.
+
+    Libraries that draw from the global RNG (kornia's augmentations, dropout) become deterministic per
+    step; the yielded generator, on ``device``, serves code that takes one explicitly (noise drawn where
+    the model runs, never copied from the CPU).
+    """
+    value = step_seed(seed, *indices)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(value)
+        yield torch.Generator(device=device).manual_seed(value)
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices only, none on biases, norms, tokens and other 1-D tensors."""
+    decay, no_decay = [], []
+    for name, parameter in model.named_parameters():
+        if not parameter.requires_grad:
+            continue
+        skip = parameter.ndim <= 1 or name.endswith(".bias") or "token" in name or "pos_embed" in name
+        (no_decay if skip else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class MetricsLog:
+    """Send metrics to Accelerate's trackers (if any) and append them to a JSONL file (main process)."""
+
+    def __init__(self, accelerator, path: str | os.PathLike, trackers: bool):
+        self.accelerator, self.path, self.trackers = accelerator, Path(path), trackers
+
+    def __call__(self, values: dict, step: int) -> None:
+        if self.trackers:
+            self.accelerator.log(values, step=step)
+        if self.accelerator.is_main_process:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps({"step": step, **values}) + "\n")
