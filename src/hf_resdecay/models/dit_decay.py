@@ -46,6 +46,28 @@ except ImportError:  # loaded with trust_remote_code=True, next to a copy of sho
 logger = logging.get_logger(__name__)
 
 
+def _check_latents(hidden_states: torch.Tensor, channels: int, dtype: torch.dtype, patch_size: int) -> None:
+    """Raise a ``ValueError`` naming the expected shape or dtype when ``hidden_states`` cannot feed the model.
+
+    Reads shapes and dtypes only, so under ``torch.compile`` the checks are guards, not graph breaks.
+    Autocast lets a tensor of another floating dtype through, as the layers then convert it.
+    """
+    expected = (
+        f"(batch, {channels}, height, width) with height and width multiples of patch_size={patch_size}"
+    )
+    shape = tuple(hidden_states.shape)
+    if hidden_states.ndim != 4 or shape[1] != channels or shape[2] % patch_size or shape[3] % patch_size:
+        raise ValueError(f"hidden_states must have shape {expected}; got {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"hidden_states must hold at least one latent, shape {expected}; got {shape}")
+    autocast = torch.is_autocast_enabled(hidden_states.device.type)
+    if not hidden_states.is_floating_point() or (hidden_states.dtype != dtype and not autocast):
+        raise ValueError(
+            f"hidden_states must be a floating-point tensor of dtype {dtype} (the model's dtype); got "
+            f"{hidden_states.dtype}"
+        )
+
+
 class DiTDecayBlock(BasicTransformerBlock):
     """DiT block (adaLN-Zero, self-attention and MLP) whose residuals read ``x = alpha * x + gate * f``.
 
@@ -131,6 +153,8 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
             ``downscale_freq_shift`` of the sinusoidal timestep embedding: diffusers' DiT uses 1 (frequencies
             ``exp(-ln(10000) k / (128 - 1))``); SiT and the original DiT code use 0 (``/ 128``).
     """
+
+    _no_split_modules = ["DiTDecayBlock"]  # FSDP wraps each block (training_scripts/configs/fsdp.yaml)
 
     _auto_class = "AutoModel"  # saved configs get auto_map {"AutoModel": "dit_decay.<this class>"}
 
@@ -242,7 +266,14 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
         cross_attention_kwargs: dict[str, Any] | None = None,
         return_dict: bool = True,
     ) -> Transformer2DModelOutput | tuple[torch.Tensor]:
-        """Upstream's forward, with the long skips added in front of the second-half blocks."""
+        """Upstream's forward, with the long skips added in front of the second-half blocks.
+
+        ``hidden_states`` of another shape or dtype than the model takes raises a ``ValueError`` saying which.
+        """
+        _check_latents(
+            hidden_states, self.config.in_channels, self.pos_embed.proj.weight.dtype, self.patch_size
+        )
+        height, width = hidden_states.shape[-2] // self.patch_size, hidden_states.shape[-1] // self.patch_size
         hidden_states = self.pos_embed(hidden_states)
         projections = self.long_skip_projections if self.long_skip_projections is not None else ()
         first_decoder_block = len(self.transformer_blocks) - len(projections)
@@ -271,7 +302,6 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
         shift, scale = self.proj_out_1(F.silu(conditioning)).chunk(2, dim=1)
         hidden_states = self.norm_out(hidden_states) * (1 + scale[:, None]) + shift[:, None]
         hidden_states = self.proj_out_2(hidden_states)
-        height = width = int(hidden_states.shape[1] ** 0.5)
         hidden_states = hidden_states.reshape(
             shape=(-1, height, width, self.patch_size, self.patch_size, self.out_channels)
         )

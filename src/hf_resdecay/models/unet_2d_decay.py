@@ -22,7 +22,7 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention
 from diffusers.models.modeling_utils import ModelMixin  # noqa: F401 (see UNet2DDecayModel's docstring)
 from diffusers.models.resnet import ResnetBlock2D
-from diffusers.models.unets.unet_2d import UNet2DModel
+from diffusers.models.unets.unet_2d import UNet2DModel, UNet2DOutput
 from diffusers.models.unets.unet_2d_blocks import (
     AttnDownBlock2D,
     AttnSkipDownBlock2D,
@@ -65,6 +65,29 @@ _INTERLEAVED_BLOCKS = (
     SkipUpBlock2D,
 )
 """Blocks whose forward runs ``resnets[i]`` then ``attentions[i]`` (if any), then a resampling resnet."""
+
+
+def _check_sample(
+    sample: torch.Tensor, channels: int, dtype: torch.dtype, multiple: int, why: str, name: str = "sample"
+) -> None:
+    """Raise a ``ValueError`` naming the expected shape or dtype when ``sample`` cannot feed the model.
+
+    Reads shapes and dtypes only, so under ``torch.compile`` the checks are guards, not graph breaks.
+    Autocast lets a tensor of another floating dtype through, as the layers then convert it.
+    """
+    expected = f"(batch, {channels}, height, width) with height and width multiples of {multiple} ({why})"
+    shape = tuple(sample.shape)
+    if sample.ndim != 4 or shape[1] != channels:
+        raise ValueError(f"{name} must have shape {expected}; got {shape}")
+    if shape[0] == 0:
+        raise ValueError(f"{name} must hold at least one image, shape {expected}; got {shape}")
+    if shape[2] % multiple or shape[3] % multiple:
+        raise ValueError(f"{name} must have shape {expected}; got {shape}")
+    autocast = torch.is_autocast_enabled(sample.device.type)
+    if not sample.is_floating_point() or (sample.dtype != dtype and not autocast):
+        raise ValueError(
+            f"{name} must be a floating-point tensor of dtype {dtype} (the model's dtype); got {sample.dtype}"
+        )
 
 
 class ResnetBlock2DDecay(ResnetBlock2D):
@@ -220,6 +243,8 @@ class UNet2DDecayModel(UNet2DModel):
             One of ``"linear"`` (the paper), ``"cosine"``, ``"constant"``.
     """
 
+    _no_split_modules = ["ResnetBlock2DDecay", "AttentionDecay"]  # FSDP shard groups (configs/fsdp.yaml)
+
     _auto_class = "AutoModel"  # diffusers writes auto_map = {"AutoModel": "unet_2d_decay.UNet2DDecayModel"}
 
     @register_to_config
@@ -263,6 +288,13 @@ class UNet2DDecayModel(UNet2DModel):
     ):
         validate_shortcut_decay(shortcut_decay)
         validate_shortcut_schedule(shortcut_schedule)
+        multiple = 2 ** (len(block_out_channels) - 1)
+        sizes = sample_size if isinstance(sample_size, (list, tuple)) else (sample_size,)
+        if any(size is not None and size % multiple for size in sizes):
+            raise ValueError(
+                f"sample_size={sample_size!r} must be divisible by {multiple} (2 ** (len(block_out_channels) "
+                "- 1)): the UNet halves the image that often and doubles it back"
+            )
         super().__init__(
             sample_size=sample_size,
             in_channels=in_channels,
@@ -298,6 +330,23 @@ class UNet2DDecayModel(UNet2DModel):
             units, shortcut_coefficients(len(units), shortcut_decay, shortcut_schedule), strict=True
         ):
             _decay_unit(unit, alpha)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        class_labels: torch.Tensor | None = None,
+        return_dict: bool = True,
+    ) -> UNet2DOutput | tuple[torch.Tensor]:
+        """``UNet2DModel.forward`` after a clear check of ``sample``'s shape and dtype."""
+        _check_sample(
+            sample,
+            self.config.in_channels,
+            self.conv_in.weight.dtype,
+            2 ** (len(self.config.block_out_channels) - 1),
+            "2 ** (len(block_out_channels) - 1): the UNet halves them that often and doubles them back",
+        )
+        return super().forward(sample, timestep, class_labels=class_labels, return_dict=return_dict)
 
     @property
     def shortcut_coefficients(self) -> list[float]:

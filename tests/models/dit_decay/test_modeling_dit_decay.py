@@ -162,20 +162,66 @@ def test_gradients_reach_the_skips_and_gradient_checkpointing_agrees():
     model.train()
     inputs = _inputs()
 
-    def gradients() -> dict[str, torch.Tensor]:
+    calls = []
+    model.transformer_blocks[-1].attn1.register_forward_hook(lambda *args: calls.append(1))
+
+    def output_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         torch.manual_seed(0)  # the same class-label dropout (train mode) in both runs
         model.zero_grad(set_to_none=True)
-        model(**inputs).sample.square().mean().backward()
-        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+        output = model(**inputs).sample
+        output.square().mean().backward()
+        return output.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
-    plain = gradients()
+    plain_output, plain = output_and_gradients()
     for name, grad in plain.items():
         if "long_skip_projections" in name or "transformer_blocks" in name:
             assert grad.abs().sum() > 0, name
+    assert len(calls) == 1
     model.enable_gradient_checkpointing()
-    checkpointed = gradients()
+    checkpointed_output, checkpointed = output_and_gradients()
+    assert len(calls) == 3  # the last decayed block ran again in backward: its activations were not kept
+    torch.testing.assert_close(checkpointed_output, plain_output, atol=1e-6, rtol=0)
     for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+_SHAPE = r"\(batch, 4, height, width\) with height and width multiples of patch_size=2"
+
+
+@pytest.mark.parametrize(
+    ("hidden_states", "message"),
+    [
+        (torch.zeros(2, 3, 8, 8), rf"hidden_states must have shape {_SHAPE}; got \(2, 3, 8, 8\)"),
+        (torch.zeros(2, 4, 8, 7), rf"hidden_states must have shape {_SHAPE}; got \(2, 4, 8, 7\)"),
+        (torch.zeros(0, 4, 8, 8), rf"at least one latent, shape {_SHAPE}; got \(0, 4, 8, 8\)"),
+        (
+            torch.zeros(2, 4, 8, 8, dtype=torch.float64),
+            r"dtype torch.float32 \(the model's dtype\); got torch.float64",
+        ),
+        (
+            torch.zeros(2, 4, 8, 8, dtype=torch.uint8),
+            r"dtype torch.float32 \(the model's dtype\); got torch.uint8",
+        ),
+    ],
+    ids=["channels", "odd-width", "empty-batch", "float64", "uint8"],
+)
+def test_bad_latents_get_a_clear_error(hidden_states, message):
+    """These used to fail inside the patch embedding, or (odd sizes) lose the last row silently."""
+    _, model = _upstream_and_ours(shortcut_decay=0.2)
+    inputs = _inputs()
+    with pytest.raises(ValueError, match=message):
+        model(hidden_states, timestep=inputs["timestep"], class_labels=inputs["class_labels"])
+
+
+def test_non_square_latents_keep_their_shape():
+    """The output is unpatchified to the input's grid (it used to assume a square one and fail)."""
+    _, model = _upstream_and_ours(shortcut_decay=0.2)
+    inputs = _inputs()
+    with torch.no_grad():
+        output = model(
+            torch.randn(2, 4, 8, 16), timestep=inputs["timestep"], class_labels=inputs["class_labels"]
+        )
+    assert output.sample.shape == (2, TINY["out_channels"], 8, 16)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,11 @@ from hf_resdecay.models.unet_2d_decay import AttentionDecay, ResnetBlock2DDecay,
 
 from .helpers import CONFIGS, TINY
 
+_THREE_LEVELS = {
+    "down_block_types": ("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    "up_block_types": ("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+}
+
 
 def _inputs(config: dict, batch_size: int = 2) -> dict:
     generator = torch.Generator().manual_seed(1)
@@ -131,18 +136,85 @@ def test_gradients_and_gradient_checkpointing():
     _, model = _upstream_and_ours(TINY, shortcut_decay=0.2)
     model.train()
     inputs = _inputs(TINY)
+    resnets = [model.down_blocks[0].resnets[0], model.up_blocks[-1].resnets[-1]]
+    assert all(isinstance(resnet, ResnetBlock2DDecay) for resnet in resnets)
+    calls = [0, 0]
+    for index, resnet in enumerate(resnets):
+        resnet.conv1.register_forward_hook(
+            lambda *args, index=index: calls.__setitem__(index, calls[index] + 1)
+        )
 
-    def gradients() -> dict[str, torch.Tensor]:
+    def output_and_gradients() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         model.zero_grad(set_to_none=True)
-        model(**inputs).sample.square().mean().backward()
-        return {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
+        output = model(**inputs).sample
+        output.square().mean().backward()
+        return output.detach(), {name: parameter.grad.clone() for name, parameter in model.named_parameters()}
 
-    plain = gradients()
+    plain_output, plain = output_and_gradients()
     assert all(grad.abs().sum() > 0 for name, grad in plain.items() if "time_proj" not in name)
+    assert calls == [1, 1]
     model.enable_gradient_checkpointing()
-    checkpointed = gradients()
+    checkpointed_output, checkpointed = output_and_gradients()
+    assert calls == [3, 3]  # the decayed resnets ran again in backward: their activations were not kept
+    torch.testing.assert_close(checkpointed_output, plain_output, atol=1e-6, rtol=0)
     for name, grad in plain.items():
-        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+        torch.testing.assert_close(checkpointed[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+_SHAPE = (
+    r"\(batch, 3, height, width\) with height and width multiples of 2 "
+    r"\(2 \*\* \(len\(block_out_channels\) - 1\)"
+)
+
+
+@pytest.mark.parametrize(
+    ("sample", "message"),
+    [
+        (torch.zeros(2, 1, 16, 16), rf"sample must have shape {_SHAPE}.*got \(2, 1, 16, 16\)"),
+        (torch.zeros(2, 3, 16), rf"sample must have shape {_SHAPE}.*got \(2, 3, 16\)"),
+        (torch.zeros(2, 3, 15, 16), rf"sample must have shape {_SHAPE}.*got \(2, 3, 15, 16\)"),
+        (torch.zeros(0, 3, 16, 16), rf"at least one image, shape {_SHAPE}.*got \(0, 3, 16, 16\)"),
+        (
+            torch.zeros(2, 3, 16, 16, dtype=torch.float64),
+            r"dtype torch.float32 \(the model's dtype\); got torch.float64",
+        ),
+        (
+            torch.zeros(2, 3, 16, 16, dtype=torch.uint8),
+            r"dtype torch.float32 \(the model's dtype\); got torch.uint8",
+        ),
+    ],
+    ids=["channels", "ndim", "odd-height", "empty-batch", "float64", "uint8"],
+)
+def test_bad_samples_get_a_clear_error(sample, message):
+    """These used to fail deep inside a convolution or a skip concatenation, if at all."""
+    _, model = _upstream_and_ours(TINY)
+    with pytest.raises(ValueError, match=message):
+        model(sample, torch.tensor([3, 7][: max(len(sample), 1)]))
+
+
+def test_samples_of_any_downsamplable_size_run():
+    _, model = _upstream_and_ours(TINY)
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 8, 24), 3).sample.shape == (1, 3, 8, 24)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"sample_size": 15},
+            r"sample_size=15 must be divisible by 2 \(2 \*\* \(len\(block_out_channels\) - 1\)\)",
+        ),
+        (
+            {"sample_size": (16, 18), "block_out_channels": (8, 16, 16)} | _THREE_LEVELS,
+            r"sample_size=\(16, 18\) must be divisible by 4",
+        ),
+    ],
+)
+def test_sample_sizes_the_downsampling_cannot_take_are_rejected(fields, message):
+    UNet2DModel(**{**TINY, **fields})  # upstream builds it, and fails at the first forward pass
+    with pytest.raises(ValueError, match=message):
+        UNet2DDecayModel(**{**TINY, **fields})
 
 
 def test_save_and_load_round_trip(tmp_path):

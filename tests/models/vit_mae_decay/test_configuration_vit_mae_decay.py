@@ -79,3 +79,38 @@ def test_number_of_skips(depth, decoder_depth, flag, expected):
         num_hidden_layers=depth, decoder_num_hidden_layers=decoder_depth, decoder_skip_connections=flag
     )
     assert config.num_decoder_skip_connections == expected
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"image_size": 30, "patch_size": 4}, r"image_size=30 must be divisible by patch_size=4"),
+        (
+            {"image_size": [32, 30], "patch_size": 8},
+            r"image_size=\[32, 30\] must be divisible by patch_size=8",
+        ),
+        ({"patch_size": 0}, r"patch_size must be >= 1; got 0"),
+        (
+            {"hidden_size": 30, "num_attention_heads": 4},
+            r"hidden_size=30 must be divisible by num_attention_heads=4",
+        ),
+        (
+            {"decoder_hidden_size": 30, "decoder_num_attention_heads": 4},
+            r"decoder_hidden_size=30 must be divisible by decoder_num_attention_heads=4",
+        ),
+    ],
+)
+def test_geometry_that_cannot_run_fails_at_construction(fields, message):
+    """Upstream accepts these and crops the image silently or fails at the first forward pass."""
+    ViTMAEConfig(**fields)
+    with pytest.raises(ValueError, match=message):
+        ViTMAEDecayConfig(**fields)
+
+
+def test_geometry_changed_after_construction_is_caught_by_validate(tmp_path):
+    config = ViTMAEDecayConfig(**TINY)
+    config.num_attention_heads = 3
+    with pytest.raises(
+        StrictDataclassError, match="hidden_size=32 must be divisible by num_attention_heads=3"
+    ):
+        config.save_pretrained(tmp_path)

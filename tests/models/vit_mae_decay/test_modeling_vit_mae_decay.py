@@ -290,6 +290,7 @@ def test_eager_and_sdpa_attention_agree(tmp_path, pixel_values, noise):
         ((2, 1, 32, 32), r"pixel_values must have shape \(batch, 3, 32, 32\).*got \(2, 1, 32, 32\)"),
         ((2, 3, 48, 48), r"image_size=32.*got \(2, 3, 48, 48\).*interpolate_pos_encoding=True"),
         ((3, 32, 32), r"pixel_values must have shape \(batch, 3, 32, 32\)"),
+        ((0, 3, 32, 32), r"at least one image, shape \(batch, 3, 32, 32\); got \(0, 3, 32, 32\)"),
     ],
 )
 def test_bad_pixel_values_get_a_clear_error(shape, message):
@@ -297,6 +298,27 @@ def test_bad_pixel_values_get_a_clear_error(shape, message):
     for module in (model, model.vit):
         with pytest.raises(ValueError, match=message):
             module(torch.zeros(shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.uint8, torch.float16])
+def test_pixel_values_of_another_dtype_get_a_clear_error(dtype):
+    """Raw uint8 images and float64 arrays used to fail deep inside the patch convolution."""
+    model = _recipe_model()
+    pixel_values = torch.zeros(2, 3, 32, 32, dtype=dtype)
+    message = rf"floating-point tensor of dtype torch.float32 \(the model's dtype\); got {dtype}"
+    for module in (model, model.vit):
+        with pytest.raises(ValueError, match=message):
+            module(pixel_values)
+
+
+def test_pixel_values_follow_the_model_dtype_and_autocast(pixel_values, noise):
+    model = _recipe_model()
+    expected = model(pixel_values, noise=noise).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast converts the input itself
+        loss = model(pixel_values.bfloat16(), noise=noise).loss
+    torch.testing.assert_close(loss.float(), expected, atol=0.05, rtol=0.05)
+    model.double()
+    torch.testing.assert_close(model(pixel_values.double(), noise=noise).loss.float(), expected)
 
 
 def test_other_resolutions_with_interpolated_positions():

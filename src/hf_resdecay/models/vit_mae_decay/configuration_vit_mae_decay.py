@@ -60,6 +60,7 @@ class ViTMAEDecayConfig(ViTMAEConfig):
 
     def __post_init__(self, **kwargs):
         self.validate_shortcut()
+        self.validate_geometry()
         super().__post_init__(**kwargs)
 
     def validate_shortcut(self):
@@ -75,6 +76,31 @@ class ViTMAEDecayConfig(ViTMAEConfig):
         if self.initializer not in INITIALIZERS:
             allowed = ", ".join(repr(name) for name in INITIALIZERS)
             raise ValueError(f"initializer must be one of {allowed}; got {self.initializer!r}")
+
+    def validate_geometry(self):
+        """Reject an image that is not a whole number of patches, or a width that the heads cannot split.
+
+        Upstream ViTMAE accepts both and fails later: the patch embedding crops the remainder of the image
+        silently, and the attention raises a reshape error at the first forward pass.
+        """
+        image_size = self.image_size if isinstance(self.image_size, (list, tuple)) else (self.image_size,) * 2
+        patch_size = self.patch_size if isinstance(self.patch_size, (list, tuple)) else (self.patch_size,) * 2
+        if any(patch < 1 for patch in patch_size):
+            raise ValueError(f"patch_size must be >= 1; got {self.patch_size!r}")
+        if any(size % patch for size, patch in zip(image_size, patch_size, strict=True)):
+            raise ValueError(
+                f"image_size={self.image_size!r} must be divisible by patch_size={self.patch_size!r}: the "
+                "image is cut into whole patches"
+            )
+        for width, heads in (
+            ("hidden_size", "num_attention_heads"),
+            ("decoder_hidden_size", "decoder_num_attention_heads"),
+        ):
+            if getattr(self, heads) < 1 or getattr(self, width) % getattr(self, heads):
+                raise ValueError(
+                    f"{width}={getattr(self, width)} must be divisible by {heads}={getattr(self, heads)}: "
+                    "each head takes an equal slice of the width"
+                )
 
     @property
     def num_decoder_skip_connections(self) -> int:

@@ -17,6 +17,7 @@ from transformers.conversion_mapping import (
     get_checkpoint_conversion_mapping,
     register_checkpoint_conversion_mapping,
 )
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.models.vit_mae.modeling_vit_mae import (
     ViTMAEAttention,
@@ -32,6 +33,7 @@ from transformers.models.vit_mae.modeling_vit_mae import (
     build_2d_sinusoidal_position_embedding,
 )
 from transformers.utils import logging
+from transformers.utils.output_capturing import maybe_install_capturing_hooks
 
 from .configuration_vit_mae_decay import ViTMAEDecayConfig
 
@@ -115,12 +117,13 @@ class ViTMAEDecayLayer(ViTMAELayer):
         return f"attention_alpha={self.attention_alpha:.4f}, mlp_alpha={self.mlp_alpha:.4f}"
 
 
-class ViTMAEDecaySkipLayer(nn.Module):
+class ViTMAEDecaySkipLayer(GradientCheckpointingLayer):
     """One encoder-to-decoder skip: ``x_dec += MLP(concat[skip, x_dec])``, the skip first as released.
 
     The skip (an encoder block's output on the kept tokens) gets its masked positions filled with this
     layer's own learned mask token and is put back in patch order first. The MLP's last weight starts at
-    zero, so a fresh skip adds nothing.
+    zero, so a fresh skip adds nothing. Like the blocks, it recomputes its activations in the backward pass
+    when activation checkpointing is on (its input is decoder width plus encoder width, the widest there).
     """
 
     def __init__(self, encoder_size: int, decoder_size: int):
@@ -266,7 +269,11 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
     def _check_pixel_values(
         self, pixel_values: torch.Tensor | None, interpolate_pos_encoding: bool | None
     ) -> None:
-        """Raise a ``ValueError`` naming the expected shape when ``pixel_values`` cannot feed this model."""
+        """Raise a ``ValueError`` naming the expected shape or dtype when ``pixel_values`` cannot feed us.
+
+        Only shapes and dtypes are read (no tensor values), so under ``torch.compile`` these checks become
+        guards, not graph breaks.
+        """
         if pixel_values is None:
             raise ValueError(
                 "pixel_values is required: a float tensor of shape (batch, channels, height, width)"
@@ -281,6 +288,16 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
         if pixel_values.ndim != 4 or shape[1] != config.num_channels:
             raise ValueError(
                 f"pixel_values must have shape {expected} (num_channels={config.num_channels}); got {shape}"
+            )
+        if shape[0] == 0:
+            raise ValueError(f"pixel_values must hold at least one image, shape {expected}; got {shape}")
+        weight_dtype = self.base_model.embeddings.patch_embeddings.projection.weight.dtype
+        autocast = torch.is_autocast_enabled(pixel_values.device.type)
+        if not pixel_values.is_floating_point() or (pixel_values.dtype != weight_dtype and not autocast):
+            raise ValueError(
+                f"pixel_values must be a floating-point tensor of dtype {weight_dtype} (the model's dtype); "
+                f"got {pixel_values.dtype}. Normalise the images as the image processor does and convert "
+                f"them with .to({weight_dtype})."
             )
         if interpolate_pos_encoding:
             if shape[2] % patch[0] or shape[3] % patch[1]:
@@ -390,6 +407,9 @@ class ViTMAEDecayModel(ViTMAEDecayPreTrainedModel, ViTMAEModel):
         else:
             self.layernorm = nn.Identity()
         self.post_init()
+        # transformers installs the hooks that collect hidden states on first use, under a lock that
+        # torch.compile cannot trace; installing them now keeps a compiled forward in one graph.
+        maybe_install_capturing_hooks(self)
 
     def forward(
         self,
