@@ -321,12 +321,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     log = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl", trackers=args.report_to != "none")
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    run = run_settings(accelerator, args.learning_rate, global_batch, model)
     images = f"{len(train)} training images" if not data_args.streaming else "streamed training images"
     accelerator.print(
         f"{images} ({channels} channel(s), {num_classes or 'no'} classes), {total_steps} steps "
         f"({epochs or '?'} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
         f"{unwrapped.config.shortcut_decay}, alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
-        f"objective {args.objective}; run {run_settings(accelerator, args.learning_rate, global_batch)}"
+        f"objective {args.objective}; run {run}"
     )
 
     dtype = input_dtype(model)
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     final = unsharded_model(accelerator, model)  # every process: gathers sharded weights
     if accelerator.is_main_process:
         results = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs, "summary": {}}
-        results["run"] = run_settings(accelerator, args.learning_rate, global_batch)
+        results["run"] = run
         sampler = make_scheduler(args.objective, args.num_train_timesteps)
         staging = output_dir / ".final.partial"
         shutil.rmtree(staging, ignore_errors=True)

@@ -322,13 +322,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.report_to != "none":
         accelerator.init_trackers("train_mae", config={**asdict(model_args), "lr": learning_rate})
     log = MetricsLog(accelerator, output_dir / "logs" / "metrics.jsonl", trackers=args.report_to != "none")
+    run = run_settings(accelerator, learning_rate, global_batch, model)
     coefficients = accelerator.unwrap_model(model, keep_torch_compile=False).shortcut_coefficients
     images = f"{len(train)} training images" if not data_args.streaming else "streamed training images"
     accelerator.print(
         f"{images}, {total_steps} steps ({epochs or '?'} epochs), global batch {global_batch}, "
         f"lr {learning_rate:.3g}; shortcut_decay={config.shortcut_decay} ({config.shortcut_schedule}), "
         f"alpha_eff={alpha_eff(coefficients):.3g}; "
-        f"run {run_settings(accelerator, learning_rate, global_batch)}"
+        f"run {run}"
     )
 
     normalize = Normalize(mean, std).to(accelerator.device)
@@ -358,7 +359,10 @@ def main(argv: list[str] | None = None) -> None:
     epochs = epochs or done.epochs
 
     results: dict = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs}
-    results |= {"knn_history": knn_history, "run": run_settings(accelerator, learning_rate, global_batch)}
+    results |= {
+        "knn_history": knn_history,
+        "run": run,
+    }
     final = unsharded_model(accelerator, model)  # every process: gathers sharded weights
     if accelerator.is_main_process:
         results["summary"] = {}

@@ -63,3 +63,35 @@ def test_the_moving_average_lives_on_the_models_device():
     ema = make_ema(cpu_model.parameters(), 0.99, torch.device("cpu"))
     assert {tensor.device.type for tensor in ema.shadow_params} == {"cpu"}
     assert len(ema.shadow_params) == len(list(cpu_model.parameters()))
+
+
+def test_the_fsdp_config_wraps_the_blocks_of_every_model_family():
+    """training_scripts/configs/fsdp.yaml names no classes: Accelerate wraps what each model lists in
+    ``_no_split_modules``, and refuses a name the model does not contain."""
+    from accelerate.utils.dataclasses import get_module_class_from_name
+
+    from hf_resdecay import DiTDecayTransformer2DModel, UNet2DDecayModel
+
+    config_text = (Path(__file__).parents[2] / "training_scripts" / "configs" / "fsdp.yaml").read_text()
+    assert "fsdp_transformer_layer_cls_to_wrap" not in config_text
+    models = [
+        _tiny(),
+        DiTDecayTransformer2DModel(
+            sample_size=8, in_channels=1, num_layers=2, num_attention_heads=2, attention_head_dim=8,
+            patch_size=2, num_embeds_ada_norm=3,
+        ),
+        UNet2DDecayModel(
+            sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+            up_block_types=("AttnUpBlock2D", "UpBlock2D"), norm_num_groups=4,
+        ),
+    ]  # fmt: skip
+    for model in models:
+        names = list(model._no_split_modules)
+        assert names, type(model).__name__
+        counts = []
+        for name in names:
+            found = get_module_class_from_name(model, name)
+            assert found is not None, (type(model).__name__, name)
+            counts.append(sum(isinstance(module, found) for module in model.modules()))
+        assert max(counts) >= 2, (type(model).__name__, counts)  # shards per block, not one for all

@@ -9,12 +9,16 @@ import sys
 import time
 from pathlib import Path
 
+from ..hub_server import free_port
+
 SCRIPTS = Path(__file__).resolve().parents[2] / "training_scripts"
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no"]
 
 
 def launch_command(script: str, args: list[str], processes: int = 1, precision: str = "no") -> list[str]:
-    extra = ["--multi_gpu", "--num_processes", str(processes)] if processes > 1 else ["--num_processes", "1"]
+    extra = ["--num_processes", "1"]
+    if processes > 1:  # a free rendezvous port: the default, 29500, collides across pytest-xdist workers
+        extra = ["--multi_gpu", "--num_processes", str(processes), "--main_process_port", str(free_port())]
     return [*LAUNCH, "--mixed_precision", precision, *extra, str(SCRIPTS / script), *args]
 
 

@@ -57,7 +57,7 @@ def test_unet_ddpm_trains_saves_a_pipeline_and_pushes(hub_server, tmp_path):
 
 def test_dit_flow_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     args = [*DIT, *QUICK, "--objective", "flow", "--max_train_steps", "12", "--checkpointing_steps", "3"]
-    args += ["--sample_every", "1", "--seed", "3"]
+    args += ["--sample_every", "1", "--seed", "3", "--gradient_checkpointing"]
     launch("train_diffusion.py", [*args, "--output_dir", str(tmp_path / "straight")])
     killed = tmp_path / "killed"
     launch_and_kill(
@@ -76,6 +76,8 @@ def test_dit_flow_killed_and_resumed_ends_with_the_same_weights(tmp_path):
     assert json.loads((killed / "scheduler" / "scheduler_config.json").read_text())["_class_name"] == (
         "FlowMatchEulerDiscreteScheduler"
     )
+    run = json.loads((killed / "results.json").read_text())["run"]
+    assert run["gradient_checkpointing"] is True and run["sharded"] is False
     assert sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir()) == [
         "epoch_0001.png",
         "final.png",

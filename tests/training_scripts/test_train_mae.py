@@ -63,7 +63,8 @@ def _lr_by_step(output_dir) -> dict[int, float]:
 
 
 def test_accumulation_keeps_the_schedule_and_the_launcher_sets_the_precision(tmp_path):
-    """Batch 32 x 1 and 8 x 4 (same global batch): same optimizer steps, same warmup + cosine lr per step."""
+    """Batch 32 x 1 and 8 x 4 (same global batch): same optimizer steps, same warmup + cosine lr per step;
+    the launcher's accumulation and precision are the ones used, whatever the script's flags say."""
     common = [
         "--num_train_epochs",
         "2",
@@ -77,14 +78,13 @@ def test_accumulation_keeps_the_schedule_and_the_launcher_sets_the_precision(tmp
     runs = {}
     for batch, accumulation in ((32, 1), (8, 4)):
         out = tmp_path / f"accumulate-{accumulation}"
-        _launch(
+        _launch(  # accumulation 4 comes from the launcher's environment (as a DeepSpeed config sets it)
             *common,
             "--output_dir",
             str(out),
             "--per_device_train_batch_size",
             str(batch),
-            "--gradient_accumulation_steps",
-            str(accumulation),
+            env={"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": str(accumulation)},
             precision="bf16" if accumulation == 4 else "no",
         )
         runs[accumulation] = (_lr_by_step(out), json.loads((out / "results.json").read_text()))
@@ -102,6 +102,46 @@ def test_accumulation_keeps_the_schedule_and_the_launcher_sets_the_precision(tmp
         results_4["run"]["mixed_precision"] == "bf16" and results_4["run"]["gradient_accumulation_steps"] == 4
     )
     assert results_4["run"]["global_batch"] == 32
+
+
+def test_streaming_run_killed_and_resumed_ends_with_the_same_weights(tmp_path):
+    """``--streaming``: an IterableDataset split per process and shuffled in a buffer, decoded in a worker;
+    a kill and ``--resume_from_checkpoint latest`` skip exactly the batches already trained on (the stream
+    holds 256 images, 8 batches: the run crosses an epoch boundary)."""
+    args = ["--streaming", "--max_train_steps", "12", "--warmup_steps", "2", "--checkpointing_steps", "4"]
+    args += ["--shuffle_buffer_size", "64", "--dataloader_num_workers", "1", "--eval_every", "1"]
+    _launch("--output_dir", str(tmp_path / "straight"), *args)
+    killed = tmp_path / "killed"
+    launch_and_kill(
+        "train_mae.py", [*TINY, "--output_dir", str(killed), *args], killed / "checkpoints" / "checkpoint-4"
+    )
+    _launch("--output_dir", str(killed), *args, "--resume_from_checkpoint", "latest")
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(killed / "model.safetensors")
+    for name, tensor in straight.items():
+        assert torch.equal(tensor, resumed[name]), name
+    results = json.loads((tmp_path / "straight" / "results.json").read_text())
+    assert results["steps"] == 12 and results["epochs"] == 2  # 8 steps a pass over the stream
+    assert [entry["step"] for entry in results["knn_history"]] == [8]
+    position = json.loads((killed / "checkpoints" / "checkpoint-12" / "loop_state.json").read_text())
+    assert position == {"step": 12, "epoch": 1, "batches": 4}
+
+
+def test_gradient_checkpointing_and_compile_change_no_weight(tmp_path):
+    """Recomputed activations and a compiled model (dynamo graphs through AOT autograd) train to the same
+    weights as the plain eager model; results.json says what was used."""
+    args = ["--max_train_steps", "3", "--eval_every", "0", "--dataloader_num_workers", "0"]
+    _launch("--output_dir", str(tmp_path / "plain"), *args)
+    fast = ["--gradient_checkpointing", "--torch_compile", "--torch_compile_backend", "aot_eager"]
+    _launch("--output_dir", str(tmp_path / "compiled"), *args, *fast)
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    compiled = load_file(tmp_path / "compiled" / "model.safetensors")
+    for name, tensor in plain.items():
+        torch.testing.assert_close(compiled[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
+    run = json.loads((tmp_path / "compiled" / "results.json").read_text())["run"]
+    assert run["torch_compile"] == "aot_eager" and run["gradient_checkpointing"] is True
+    run = json.loads((tmp_path / "plain" / "results.json").read_text())["run"]
+    assert run["torch_compile"] is False and run["gradient_checkpointing"] is False
 
 
 def test_train_push_and_load_from_the_hub(hub_server, tmp_path):

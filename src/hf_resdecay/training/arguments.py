@@ -77,8 +77,10 @@ class CommonTrainingArguments:
     dataloader_num_workers: int | None = field(
         default=None, metadata={"help": "image-decoding workers per process; default: from the free cores"}
     )
-    torch_compile: bool = field(
-        default=False, metadata={"help": "compile the model (torch.compile, inductor)"}
+    torch_compile: bool = field(default=False, metadata={"help": "compile the model with torch.compile"})
+    torch_compile_backend: str = field(
+        default="inductor",
+        metadata={"help": "inductor | aot_eager | cudagraphs | ... (torch._dynamo backends)"},
     )
     gradient_checkpointing: bool = field(
         default=False,

@@ -76,14 +76,16 @@ def make_accelerator(args: CommonTrainingArguments):
             project_dir=str(args.output_dir), logging_dir=str(Path(args.output_dir) / "logs")
         ),
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if args.torch_compile else None,
+        dynamo_plugin=TorchDynamoPlugin(backend=args.torch_compile_backend) if args.torch_compile else None,
     )
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:
     """Recompute activations in the backward pass, through the model family's own switch (transformers'
-    ``gradient_checkpointing_enable``, diffusers' ``enable_gradient_checkpointing``)."""
-    if hasattr(model, "gradient_checkpointing_enable"):
+    ``activation_checkpointing_enable``, diffusers' ``enable_gradient_checkpointing``)."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    elif hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     elif hasattr(model, "enable_gradient_checkpointing"):
         model.enable_gradient_checkpointing()
@@ -112,16 +114,34 @@ def stream_steps_per_epoch(stream, global_batch: int, split: str = "train") -> i
     return count // global_batch if count else None
 
 
-def run_settings(accelerator, learning_rate: float, global_batch: int) -> dict:
+def run_settings(
+    accelerator, learning_rate: float, global_batch: int, model: nn.Module | None = None
+) -> dict:
     """What the run really uses, whatever the flags, launcher and config said: printed at the start and
-    written to ``results.json`` under ``"run"``."""
-    return {
+    written to ``results.json`` under ``"run"``. With the prepared ``model``, also the compile backend (or
+    False), whether activations are recomputed, and whether the weights are sharded."""
+    settings = {
         "mixed_precision": accelerator.mixed_precision,
+        "distributed_type": accelerator.distributed_type.value,
         "num_processes": accelerator.num_processes,
         "gradient_accumulation_steps": accelerator.gradient_accumulation_steps,
         "global_batch": global_batch,
         "learning_rate": learning_rate,
     }
+    if model is not None:
+        from accelerate.utils import is_compiled_module
+
+        from .distributed import is_sharded
+
+        plain = accelerator.unwrap_model(model, keep_torch_compile=False)
+        backend = accelerator.state.dynamo_plugin.backend.value.lower()
+        settings["torch_compile"] = backend if is_compiled_module(model) else False
+        checkpointing = getattr(plain, "is_gradient_checkpointing", None)
+        if checkpointing is None:  # diffusers models
+            checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
+        settings["gradient_checkpointing"] = bool(checkpointing)
+        settings["sharded"] = is_sharded(plain)
+    return settings
 
 
 def step_seed(seed: int, *indices: int) -> int:
