@@ -1,11 +1,15 @@
 """Training-step throughput of ``train_mae.py``'s loop against a transformers ``Trainer`` on the same work.
 
-Same model (the script's default small decayed ViT on 28 px MNIST-sized images), same batches, same MAE
-augmentation (applied in the Trainer's collator), same AdamW and schedule. Rounds alternate between the two
-loops; a step is timed from the end of the previous step to its own end, so data loading and augmentation
-count for both (setup and the first step of a round do not), and the median of per-round ratios is printed.
+Same model (the script's default small decayed ViT on 28 px images), same data pipeline (the script's
+``TrainImages``: images decoded, random-resized-cropped and flipped in DataLoader workers, uint8 batches,
+normalised on the device), same AdamW and schedule. The script's arm is its own loop
+(``hf_resdecay.training.TrainingLoop``). Rounds alternate between the loops; a step is timed from the end of
+the previous step to its own end, so data loading counts for both (setup and the first step of a round do
+not), and the median of per-round ratios is printed. ``--torch_compile`` adds a third arm, the script's loop
+on the compiled model (as ``train_mae.py --torch_compile``), and its ratio to the eager loop.
 
-    python benchmarks/bench_train_mae.py            # about three minutes on 2 CPU threads
+    python benchmarks/bench_train_mae.py                    # about three minutes on 2 CPU threads
+    python benchmarks/bench_train_mae.py --torch_compile    # plus compilation (minutes with inductor)
 """
 
 from __future__ import annotations
@@ -18,13 +22,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from accelerate import Accelerator
+from datasets import Dataset, Features, Image
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
 
 from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining
-from hf_resdecay.training import parameter_groups, step_rng
+from hf_resdecay.training import MetricsLog, TrainingLoop, parameter_groups
+from hf_resdecay.training.images import ImageTransform, Normalize, TrainImages, normalization_stats
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "train_mae.py"
 
@@ -37,15 +45,11 @@ def _script():
     return module
 
 
-class _Images(torch.utils.data.Dataset):
-    def __init__(self, count: int, size: int):
-        self.images = torch.rand(count, 3, size, size, generator=torch.Generator().manual_seed(0))
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": self.images[index]}
+def _images(count: int, size: int) -> Dataset:
+    """Random RGB images a little larger than the model's input, so every crop resizes."""
+    rng = np.random.default_rng(0)
+    pictures = [rng.integers(0, 256, (size + 4, size + 4, 3), dtype=np.uint8) for _ in range(count)]
+    return Dataset.from_dict({"image": pictures}, features=Features({"image": Image()}))
 
 
 def _intervals(stamps: list[float]) -> list[float]:
@@ -69,49 +73,65 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=11, help="optimisation steps per round")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1, help="DataLoader workers for both loops")
+    parser.add_argument("--torch_compile", action="store_true", help="add the compiled script loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    script = _script()
-    defaults = script.ModelArguments()
+    defaults = _script().ModelArguments()
     fields = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
     fields += ("intermediate_size", "decoder_hidden_size", "decoder_num_hidden_layers")
     fields += ("decoder_num_attention_heads", "decoder_intermediate_size", "mask_ratio", "norm_pix_loss")
     config = ViTMAEDecayConfig(**{name: getattr(defaults, name) for name in fields})
     size = config.image_size
-    augment = script.augmentation(size, 3, hflip=True)
-    data = _Images(args.batch_size * args.steps, size)
+    data = TrainImages(_images(args.batch_size * args.steps, size), "image", ImageTransform(size, 3))
+    normalize = Normalize(*normalization_stats(3))
     total = args.steps * args.rounds
 
-    # The script's loop, as train_mae.py runs it.
     accelerator = Accelerator()
-    torch.manual_seed(0)
-    ours = ViTMAEDecayForPreTraining(config).train()
-    optimizer = torch.optim.AdamW(parameter_groups(ours, 0.05), lr=1e-3, betas=(0.9, 0.95))
-    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True)
-    ours, optimizer, loader = accelerator.prepare(ours, optimizer, loader)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, 0, total)
-
-    def our_round(round_index: int) -> list[float]:
-        stamps = []
-        for index, batch in enumerate(loader):
-            with accelerator.accumulate(ours), step_rng(0, 0, round_index * args.steps + index, 0):
-                loss = ours(pixel_values=augment(batch["pixel_values"])).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            stamps.append(time.perf_counter())
-        return _intervals(stamps)
-
-    # A Trainer on the same model, batches and augmentation.
-    torch.manual_seed(0)
-    theirs = ViTMAEDecayForPreTraining(config)
-    timer = _StepTimer()
-
-    def collate(rows):
-        return {"pixel_values": augment(torch.stack([row["pixel_values"] for row in rows]))}
-
+    arms = {"train_mae.py": False, **({"train_mae.py --torch_compile": True} if args.torch_compile else {})}
+    loops = {}
     with tempfile.TemporaryDirectory() as output:
+        for name, compiled in arms.items():
+            torch.manual_seed(0)
+            model = ViTMAEDecayForPreTraining(config).train()
+            optimizer = torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-3, betas=(0.9, 0.95))
+            loader = torch.utils.data.DataLoader(
+                data, batch_size=args.batch_size, shuffle=True, drop_last=True, num_workers=args.workers
+            )
+            model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+            step_model = torch.compile(model) if compiled else model
+            scheduler = get_cosine_schedule_with_warmup(optimizer, 0, total)
+            options = SimpleNamespace(
+                seed=0, logging_steps=10**9, checkpointing_steps=None, max_grad_norm=None, push_to_hub=False
+            )
+
+            def train_step(batch, generator, log_now, step_model=step_model):
+                return step_model(pixel_values=normalize(batch["pixel_values"])).loss, {}
+
+            stamps: list[float] = []
+            loops[name] = (
+                TrainingLoop(
+                    accelerator, model, optimizer, scheduler, loader, data, options, args.steps,
+                    Path(output), MetricsLog(accelerator, Path(output) / "log.jsonl", False), "--lr", 1e-3,
+                    "bench", train_step, after_step=lambda stamps=stamps: stamps.append(time.perf_counter()),
+                ),
+                stamps,
+            )  # fmt: skip
+
+        def script_round(name: str) -> list[float]:
+            loop, stamps = loops[name]
+            stamps.clear()
+            loop.run()
+            return _intervals(stamps)
+
+        # A Trainer on the same model, data and normalisation.
+        torch.manual_seed(0)
+        theirs = ViTMAEDecayForPreTraining(config)
+        timer = _StepTimer()
+
+        def collate(rows):
+            return {"pixel_values": normalize(torch.stack([row["pixel_values"] for row in rows]))}
+
         training_args = TrainingArguments(
             output_dir=output,
             per_device_train_batch_size=args.batch_size,
@@ -124,28 +144,30 @@ def main() -> None:
             save_strategy="no",
             logging_strategy="no",
             disable_tqdm=True,
-            dataloader_num_workers=0,
+            dataloader_num_workers=args.workers,
             use_cpu=True,
         )
         trainer = Trainer(
             model=theirs, args=training_args, train_dataset=data, data_collator=collate, callbacks=[timer]
         )
-        ratios, our_times, their_times = [], [], []
-        for round_index in range(args.rounds + 1):  # round 0 warms both up
-            mine = our_round(round_index)
+        times: dict[str, list[float]] = {name: [] for name in [*arms, "transformers Trainer"]}
+        ratios: dict[str, list[float]] = {name: [] for name in times}
+        for round_index in range(args.rounds + 1):  # round 0 warms every arm up (and compiles)
+            medians = {name: script_round(name) for name in arms}
             timer.stamps.clear()
             trainer.train()
-            theirs_round = _intervals(timer.stamps)
+            medians["transformers Trainer"] = _intervals(timer.stamps)
             if round_index:
-                ratios.append(statistics.median(theirs_round) / statistics.median(mine))
-                our_times += mine
-                their_times += theirs_round
+                eager = statistics.median(medians["train_mae.py"])
+                for name, intervals in medians.items():
+                    times[name] += intervals
+                    ratios[name].append(eager / statistics.median(intervals))
     print(f"torch {torch.__version__}, {args.threads} threads, batch {args.batch_size}, {args.rounds} rounds")
-    print("| loop | samples/s (median step) |")
-    print("|---|---:|")
-    print(f"| train_mae.py | {args.batch_size / statistics.median(our_times):.1f} |")
-    print(f"| transformers Trainer | {args.batch_size / statistics.median(their_times):.1f} |")
-    print(f"ratio (script / Trainer throughput, median of rounds): {statistics.median(ratios):.3f}")
+    print("| loop | samples/s (median step) | throughput vs train_mae.py (median of rounds) |")
+    print("|---|---:|---:|")
+    for name, intervals in times.items():
+        speed = args.batch_size / statistics.median(intervals)
+        print(f"| {name} | {speed:.1f} | {statistics.median(ratios[name]):.3f} |")
 
 
 if __name__ == "__main__":
