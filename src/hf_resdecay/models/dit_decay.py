@@ -89,6 +89,12 @@ class DiTDecayBlock(BasicTransformerBlock):
         class_labels: torch.LongTensor | None = None,
         added_cond_kwargs: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """Adapted from `diffusers.models.attention.BasicTransformerBlock.forward` (diffusers 0.42).
+
+        Differs in keeping only the ``norm_type="ada_norm_zero"`` path without cross-attention, GLIGEN or
+        positional embedding (what DiT builds), and in the two residual additions, which scale the shortcut
+        by ``alpha``.
+        """
         normed, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(
             hidden_states, timestep, class_labels, hidden_dtype=hidden_states.dtype
         )
@@ -182,6 +188,12 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
         long_skip_connections: bool = True,
         timestep_freq_shift: int = 1,
     ):
+        """Build upstream's DiT, then decay its blocks, add the long skips and initialise as SiT does.
+
+        The upstream parameters are spelled out because diffusers reads the config keys from this signature
+        (``register_to_config`` records their defaults, ``extract_init_dict`` decides what a saved config may
+        set); ``tests/models/test_upstream_signatures.py`` keeps them equal to upstream's.
+        """
         validate_shortcut_decay(shortcut_decay)
         if timestep_freq_shift not in (0, 1):
             raise ValueError(
@@ -230,7 +242,11 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
 
     @torch.no_grad()
     def _initialize_as_released(self) -> None:
-        """SiT's initialisation (see the class docstring); on the meta device it only keeps the shapes."""
+        """SiT's initialisation (see the class docstring); on the meta device it only keeps the shapes.
+
+        Follows ``SiT.initialize_weights`` of the SiT release (itself DiT's ``DiT.initialize_weights``),
+        mapped onto diffusers' modules; the split query/key/value projections take the packed-``qkv`` fan.
+        """
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -269,6 +285,10 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
         """Upstream's forward, with the long skips added in front of the second-half blocks.
 
         ``hidden_states`` of another shape or dtype than the model takes raises a ``ValueError`` saying which.
+
+        Adapted from `diffusers.models.transformers.dit_transformer_2d.DiTTransformer2DModel.forward`
+        (diffusers 0.42). Differs in the input check, the long skips, and the unpatchify, which keeps the
+        input's height and width where upstream assumes a square latent.
         """
         _check_latents(
             hidden_states, self.config.in_channels, self.pos_embed.proj.weight.dtype, self.patch_size

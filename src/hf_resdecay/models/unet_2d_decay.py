@@ -100,6 +100,11 @@ class ResnetBlock2DDecay(ResnetBlock2D):
     shortcut_alpha: float = 1.0
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs) -> torch.Tensor:
+        """Adapted from `diffusers.models.resnet.ResnetBlock2D.forward` (diffusers 0.42).
+
+        Differs in the final sum, which scales the shortcut by ``alpha``, and in ignoring the deprecated
+        ``scale`` argument without upstream's deprecation warning.
+        """
         hidden_states = self.nonlinearity(self.norm1(input_tensor))
         if self.upsample is not None:
             if hidden_states.shape[0] >= 64:  # as upstream: upsample_nearest_nhwc fails on large batches
@@ -157,6 +162,13 @@ class AttentionDecay(Attention):
         attention_mask: torch.Tensor | None = None,
         **cross_attention_kwargs,
     ) -> torch.Tensor:
+        """The processor's branch, then the residual and rescale steps it would have applied, decayed.
+
+        The last two steps are adapted from the end of
+        `diffusers.models.attention_processor.AttnProcessor2_0.__call__` (diffusers 0.42):
+        ``(hidden_states + residual) / rescale_output_factor`` there, with the shortcut scaled by ``alpha``
+        here. The shortcut is the module's input, which is what diffusers' processors add back as well.
+        """
         branch = super().forward(
             hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs
         )
@@ -168,7 +180,11 @@ class AttentionDecay(Attention):
 
 
 def _block_residual_units(block: nn.Module) -> list[nn.Module]:
-    """The residual units of one UNet block, in the order its forward runs them."""
+    """The residual units of one UNet block, in the order its forward runs them.
+
+    The orders are read from the ``forward`` methods of the supported blocks in
+    ``diffusers.models.unets.unet_2d_blocks`` (diffusers 0.42).
+    """
     resnets = list(block.resnets)
     attentions = list(getattr(block, "attentions", None) or ())
     if isinstance(block, UNetMidBlock2D):
@@ -286,6 +302,12 @@ class UNet2DDecayModel(UNet2DModel):
         shortcut_decay: float = 0.2,
         shortcut_schedule: str = "linear",
     ):
+        """Build upstream's UNet, then switch every residual unit to its decayed subclass.
+
+        The upstream parameters are spelled out because diffusers reads the config keys from this signature
+        (``register_to_config`` records their defaults, ``extract_init_dict`` decides what a saved config may
+        set); ``tests/models/test_upstream_signatures.py`` keeps them equal to upstream's.
+        """
         validate_shortcut_decay(shortcut_decay)
         validate_shortcut_schedule(shortcut_schedule)
         multiple = 2 ** (len(block_out_channels) - 1)

@@ -19,6 +19,7 @@ from hf_resdecay import (
     ViTMAEDecayModel,
     shortcut_coefficients,
 )
+from hf_resdecay.models.vit_mae_decay.modeling_vit_mae_decay import ViTMAEDecayLayer
 
 from .helpers import NUM_PATCHES, TINY, UPSTREAM_RECIPE
 
@@ -431,3 +432,24 @@ def test_upstream_class_reads_a_decayed_checkpoint_saved_with_upstream_settings(
     torch.testing.assert_close(
         upstream.eval()(pixel_values, noise=noise).logits, ours(pixel_values, noise=noise).logits
     )
+
+
+def test_upstream_parts_replaced_in_init_draw_no_random_numbers():
+    """The pretraining model's encoder starts as a lone encoder built from the same seed: upstream's own
+    encoder and decoder, built by ``super().__init__`` and then replaced, take nothing from the stream."""
+    config = ViTMAEDecayConfig(**TINY)
+    torch.manual_seed(0)
+    alone = ViTMAEDecayModel(config).state_dict()
+    torch.manual_seed(0)
+    inside = ViTMAEDecayForPreTraining(config).vit.state_dict()
+    assert list(inside) == list(alone)
+    assert all(torch.equal(inside[name], alone[name]) for name in alone)
+
+
+def test_decayed_layers_are_upstream_layers_switched_in_place():
+    layer = ViTMAELayer(ViTMAEDecayConfig(**TINY))
+    parameters = dict(layer.named_parameters())
+    decayed = ViTMAEDecayLayer.decay_(layer, 0.9, 0.8)
+    assert decayed is layer and type(layer) is ViTMAEDecayLayer
+    assert (layer.attention_alpha, layer.mlp_alpha) == (0.9, 0.8)
+    assert all(parameter is parameters[name] for name, parameter in layer.named_parameters())

@@ -72,7 +72,12 @@ _register_checkpoint_key_renaming()
 
 
 def _sincos_position_embedding(num_patches: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table with a CLS row, in the half order that MAE's published weights use."""
+    """Fixed 2-D sin-cos table with a CLS row, in the half order that MAE's published weights use.
+
+    Adapted from the table built in
+    `transformers.models.vit_mae.modeling_vit_mae.ViTMAEEmbeddings.initialize_weights` and
+    `...ViTMAEDecoder.initialize_weights` (transformers 5.24); here it is returned, not copied in.
+    """
     grid_size = int(num_patches**0.5)
     table = build_2d_sinusoidal_position_embedding(
         height=grid_size, width=grid_size, embed_dim=dim, cls_token=True
@@ -84,7 +89,11 @@ def _sincos_position_embedding(num_patches: int, dim: int) -> torch.Tensor:
 def _restore_token_order(
     tokens: torch.Tensor, mask_token: torch.Tensor, ids_restore: torch.Tensor
 ) -> torch.Tensor:
-    """Fill the masked positions of ``[CLS, kept patches]`` with ``mask_token`` and undo the shuffle."""
+    """Fill the masked positions of ``[CLS, kept patches]`` with ``mask_token`` and undo the shuffle.
+
+    Adapted from the unshuffle in `transformers.models.vit_mae.modeling_vit_mae.ViTMAEDecoder.forward`
+    (transformers 5.24); the mask token is an argument, so each skip layer can bring its own.
+    """
     batch_size, num_kept, dim = tokens.shape
     fill = mask_token.expand(batch_size, ids_restore.shape[1] + 1 - num_kept, dim)
     patches = torch.cat([tokens[:, 1:, :], fill], dim=1)
@@ -97,17 +106,32 @@ class ViTMAEDecayLayer(ViTMAELayer):
     """Pre-LN ViT block whose two residual additions scale the shortcut: ``x = alpha * x + f(LN(x))``.
 
     Each addition is one fused ``torch.add(branch, x, alpha=alpha)``, so the decay costs nothing; with
-    both coefficients 1 it is exactly upstream's ``branch + x``.
+    both coefficients 1 it is exactly upstream's ``branch + x``. The parameters are upstream's, so
+    :meth:`decay_` can turn an upstream layer into this class in place.
     """
+
+    attention_alpha: float = 1.0
+    mlp_alpha: float = 1.0
 
     def __init__(self, config: ViTMAEDecayConfig, attention_alpha: float = 1.0, mlp_alpha: float = 1.0):
         super().__init__(config)
         self.attention_alpha = float(attention_alpha)
         self.mlp_alpha = float(mlp_alpha)
 
+    @classmethod
+    def decay_(cls, layer: ViTMAELayer, attention_alpha: float, mlp_alpha: float) -> ViTMAEDecayLayer:
+        """Switch an upstream ``ViTMAELayer`` to this class in place, keeping its (initialised) parameters."""
+        layer.__class__ = cls
+        layer.attention_alpha = float(attention_alpha)
+        layer.mlp_alpha = float(mlp_alpha)
+        return layer
+
     def forward(
         self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
     ) -> torch.Tensor:
+        """Adapted from `transformers.models.vit_mae.modeling_vit_mae.ViTMAELayer.forward`
+        (transformers 5.24); differs only in the residual additions, which scale the shortcut by ``alpha``.
+        """
         branch, _ = self.attention(self.layernorm_before(hidden_states), attention_mask, **kwargs)
         hidden_states = torch.add(self.dropout(branch), hidden_states, alpha=self.attention_alpha)
         branch = self.mlp(self.layernorm_after(hidden_states))
@@ -169,7 +193,12 @@ class ViTMAEDecayDecoder(ViTMAEDecoder):
         interpolate_pos_encoding: bool = False,
         skip_hidden_states: tuple[torch.Tensor, ...] | None = None,
     ) -> ViTMAEDecoderOutput:
-        """``skip_hidden_states[i]`` feeds decoder block ``i``; ignored when the config has no skips."""
+        """``skip_hidden_states[i]`` feeds decoder block ``i``; ignored when the config has no skips.
+
+        Adapted from `transformers.models.vit_mae.modeling_vit_mae.ViTMAEDecoder.forward` (transformers 5.24),
+        which runs unchanged without skips. With skips the input is the learned CLS token and the positions
+        (not the encoder latent), and skip layer ``i`` runs before decoder block ``i``.
+        """
         if len(self.skip_layers) == 0:
             return super().forward(
                 hidden_states, ids_restore, interpolate_pos_encoding=interpolate_pos_encoding
@@ -220,6 +249,13 @@ class ViTMAEDecayPreTrainedModel(ViTMAEPreTrainedModel):
 
         Children are initialised before their parents, so a parent (the attention, a layer, the decoder)
         can redraw what its children drew: the packed-``qkv`` fan, the zeroed branch outputs.
+
+        Adapted from `transformers.models.vit_mae.modeling_vit_mae.ViTMAEPreTrainedModel._init_weights`,
+        `...ViTMAEEmbeddings.initialize_weights` and `...ViTMAEDecoder.initialize_weights`
+        (transformers 5.24). Differs in the xavier ``"mae"`` initializer with the packed-``qkv`` fan; in
+        drawing the sin-cos positions, the xavier patch embedding and the ``normal`` CLS and mask tokens
+        per tensor, where upstream's initialisation flags leave them at zero or at the generic ``normal``
+        init; and in the recipe's zero init and skip layers.
         """
         config = self.config
         released = config.initializer == "mae"
@@ -392,21 +428,21 @@ class ViTMAEDecayModel(ViTMAEDecayPreTrainedModel, ViTMAEModel):
     """ViTMAE encoder with decayed shortcuts; upstream ``ViTMAEModel.forward`` runs unchanged on it."""
 
     def __init__(self, config: ViTMAEDecayConfig):
-        super(ViTMAEModel, self).__init__(config)
-        self.config = config
+        """Upstream's encoder with its layers switched to the decayed class (and, unless
+        ``encoder_final_layernorm``, its final LayerNorm replaced by an identity).
+
+        Upstream's ``post_init`` already initialises every weight with this class's ``_init_weights``, and
+        the switch keeps the parameters, so the weights (and the random draws) are those of a model built
+        directly from decayed parts; nothing is initialised twice.
+        """
+        super().__init__(config)
         alphas = shortcut_coefficients(
             2 * config.num_hidden_layers, config.shortcut_decay, config.shortcut_schedule
         )
-        self.embeddings = ViTMAEEmbeddings(config)
-        self.layers = nn.ModuleList(
-            ViTMAEDecayLayer(config, alphas[2 * i], alphas[2 * i + 1])
-            for i in range(config.num_hidden_layers)
-        )
-        if config.encoder_final_layernorm:
-            self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        else:
+        for index, layer in enumerate(self.layers):
+            ViTMAEDecayLayer.decay_(layer, alphas[2 * index], alphas[2 * index + 1])
+        if not config.encoder_final_layernorm:
             self.layernorm = nn.Identity()
-        self.post_init()
         # transformers installs the hooks that collect hidden states on first use, under a lock that
         # torch.compile cannot trace; installing them now keeps a compiled forward in one graph.
         maybe_install_capturing_hooks(self)
@@ -434,8 +470,13 @@ class ViTMAEDecayForPreTraining(ViTMAEDecayPreTrainedModel, ViTMAEForPreTraining
     """Decayed MAE for pretraining: decayed encoder, upstream decoder blocks, optional encoder skips."""
 
     def __init__(self, config: ViTMAEDecayConfig):
-        super(ViTMAEForPreTraining, self).__init__(config)
-        self.config = config
+        """Upstream's model with its encoder and decoder replaced by the decayed ones.
+
+        Both upstream parts are replaced whole, so they are built on the meta device: no memory, no
+        initialisation and no random draws, which leaves the seeded weights those of the decayed parts.
+        """
+        with torch.device("meta"):
+            super().__init__(config)
         self.vit = ViTMAEDecayModel(config)
         self.decoder = ViTMAEDecayDecoder(
             config, num_patches=self.vit.embeddings.patch_embeddings.num_patches
@@ -458,6 +499,11 @@ class ViTMAEDecayForPreTraining(ViTMAEDecayPreTrainedModel, ViTMAEForPreTraining
         """Masked reconstruction loss as upstream; the decoder also receives the encoder skips.
 
         ``noise`` of shape ``(batch, num_patches)`` fixes the masking, as upstream.
+
+        Adapted from `transformers.models.vit_mae.modeling_vit_mae.ViTMAEForPreTraining.forward`
+        (transformers 5.24). Differs in asking the encoder for its hidden states when there are skips and
+        passing the chosen ones to the decoder, returning hidden states only when asked, and computing the
+        loss in :meth:`forward_loss`.
         """
         return_hidden_states = kwargs.pop("output_hidden_states", self.config.output_hidden_states)
         skip_sources = self._skip_sources()
@@ -496,7 +542,12 @@ class ViTMAEDecayForPreTraining(ViTMAEDecayPreTrainedModel, ViTMAEForPreTraining
         mask: torch.Tensor,
         interpolate_pos_encoding: bool | None = False,
     ) -> torch.Tensor:
-        """Mean squared error on the masked patches (per-patch normalised targets with ``norm_pix_loss``)."""
+        """Mean squared error on the masked patches (per-patch normalised targets with ``norm_pix_loss``).
+
+        Adapted from the loss lines of
+        `transformers.models.vit_mae.modeling_vit_mae.ViTMAEForPreTraining.forward` (transformers 5.24,
+        which has no ``forward_loss`` method): the same arithmetic, as a method of its own.
+        """
         target = self.patchify(pixel_values, interpolate_pos_encoding=bool(interpolate_pos_encoding))
         if self.config.norm_pix_loss:
             mean = target.mean(dim=-1, keepdim=True)
