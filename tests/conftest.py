@@ -9,6 +9,7 @@ fresh temporary ``HF_HOME``. Subprocesses started by tests inherit all of this t
 import atexit
 import os
 import shutil
+import sys
 import tempfile
 
 import pytest
@@ -29,6 +30,18 @@ for _var in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFO
 os.environ["NO_PROXY"] = os.environ["no_proxy"] = ",".join(
     filter(None, [os.environ.get("NO_PROXY") or os.environ.get("no_proxy"), "127.0.0.1", "localhost"])
 )
+
+# Under pytest-xdist, split the cores between the workers: with N workers each sharing all the cores (torch's
+# and OpenBLAS's default), OpenMP threads that wait on each other made CPU tests several times slower on the
+# 2-core CI machine. Set through the environment, so subprocesses (CLI runs, ``accelerate launch``) follow it;
+# an explicit OMP_NUM_THREADS etc. is kept.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _threads = str(max(1, len(os.sched_getaffinity(0)) // max(1, _workers)))
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, _threads)
+    if "torch" in sys.modules:  # already imported (by a plugin): the variable alone would come too late
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 @pytest.fixture(scope="session")

