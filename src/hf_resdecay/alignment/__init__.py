@@ -1,5 +1,13 @@
-"""Residual alignment (arXiv 2401.09018): Jacobian SVDs of residual branches and the RA1-RA4 diagnostics."""
+"""Residual alignment (arXiv 2401.09018): Jacobian SVDs of residual branches and the RA1-RA4 diagnostics.
 
+Modules, each importing only those above it: ``blocks`` and ``jacobian`` (residual branches and their
+Jacobians), ``report`` (result types), ``metrics`` (pure functions), ``analysis`` (:func:`analyze`), ``plots``
+(PNG figures; matplotlib is imported only when drawing) and ``command`` (:func:`run_alignment` and
+``hf-resdecay align``).
+"""
+
+from ..evaluation.features import load_model
+from .analysis import analyze
 from .blocks import (
     BlockCapture,
     DiscoveredBlocks,
@@ -9,19 +17,7 @@ from .blocks import (
     discover_residual_blocks,
     vit_mae_inputs,
 )
-from .diagnostics import (
-    AlignmentReport,
-    BlockStats,
-    DepthScaling,
-    analyze,
-    depth_scaling,
-    line_shape,
-    load_model,
-    neural_collapse,
-    numerical_rank,
-    run_alignment,
-    trajectory_stats,
-)
+from .command import run_alignment
 from .jacobian import (
     JacobianSVD,
     analysis_attention,
@@ -31,6 +27,7 @@ from .jacobian import (
     jacobian_rmatvec,
     residual_jacobian_svd,
 )
+from .metrics import depth_scaling, line_shape, neural_collapse, numerical_rank, trajectory_stats
 from .plots import (
     REPORT_PLOTS,
     plot_alignment,
@@ -40,6 +37,7 @@ from .plots import (
     plot_spectra,
     plot_trajectory,
 )
+from .report import AlignmentReport, BlockStats, DepthScaling
 
 __all__ = [
     "REPORT_PLOTS",

@@ -1,41 +1,116 @@
-"""``hf-resdecay align``: residual-alignment report of a checkpoint (written by the alignment work).
+"""Running the analysis end to end: :func:`run_alignment` (Python) and ``hf-resdecay align`` (command line).
+
+:func:`run_alignment` loads a model when given an id, analyses the first samples of a batch with
+:func:`~hf_resdecay.alignment.analyze`, and writes ``report.json`` and the PNG plots.
 
 ``hf-resdecay align MODEL_ID_OR_DIR --dataset DATASET --samples 32 --top-k 16 --output DIR`` loads a vision
 checkpoint (Hub id or folder), preprocesses a class-balanced sample of images with the checkpoint's image
 processor (or a default resize and normalisation to the model's ``image_size`` and ``num_channels``), runs
-:func:`~hf_resdecay.alignment.run_alignment` and prints one row per residual block (``s_1``, numerical rank,
-``|<u_1, v_1>|``) with the paths of ``report.json`` and the PNG plots.
+:func:`run_alignment` and prints one row per residual block (``s_1``, numerical rank, ``|<u_1, v_1>|``)
+with the paths of ``report.json`` and the PNG plots.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
-from .jacobian import METHODS
+from ..evaluation._checks import integer_at_least
+from ..evaluation.features import (
+    default_image_processor,
+    find_image_column,
+    find_label_column,
+    load_encoder,
+    load_model,
+)
+from .analysis import analyze
+from .jacobian import METHODS, check_integer
+from .plots import REPORT_PLOTS, plot_report
+from .report import AlignmentReport
 
-__all__ = ["add_align_command", "run_align", "select_samples"]
+__all__ = ["add_align_command", "run_align", "run_alignment", "select_samples"]
 
 DTYPES = ("float32", "float64")
 
 
-def _integer_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse ``type`` for integers ``>= minimum`` (argparse names the flag in its error)."""
+def _take(inputs: Any, count: int, batch: int) -> Any:
+    """The first ``count`` samples of ``inputs``: every tensor whose leading dimension is ``batch`` is cut."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs[:count] if inputs.ndim >= 1 and inputs.shape[0] == batch else inputs
+    if isinstance(inputs, Mapping):
+        return {key: _take(value, count, batch) for key, value in inputs.items()}
+    return inputs
 
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value!r}") from None
-        if number < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {number}")
-        return number
 
-    return parse
+def _batch_size(inputs: torch.Tensor | Mapping[str, Any]) -> int:
+    """Number of samples in ``inputs``: a tensor's first dimension, or that of the mapping's main input."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.shape[0]
+    for key in ("pixel_values", "hidden_states", "sample", "input_ids"):
+        value = inputs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value.shape[0]
+    first = next((value for value in inputs.values() if isinstance(value, torch.Tensor)), None)
+    if first is None:
+        raise ValueError("inputs must be a tensor or a mapping holding at least one tensor")
+    return first.shape[0]
+
+
+def run_alignment(
+    model_or_id: nn.Module | str | os.PathLike,
+    inputs: torch.Tensor | Mapping[str, Any],
+    labels: torch.Tensor | Sequence[int] | None = None,
+    samples: int = 32,
+    top_k: int = 16,
+    output_dir: str | os.PathLike = "alignment",
+    *,
+    trust_remote_code: bool = False,
+    progress: bool | Any = True,
+    metadata: Mapping[str, Any] | None = None,
+    **analyze_kwargs: Any,
+) -> AlignmentReport:
+    """Analyse a model (object, Hub id or local folder) and write ``report.json`` and PNG plots.
+
+    Args:
+        model_or_id: a module, or a Hub id / directory loaded with :func:`load_model`.
+        inputs: a batch (``pixel_values`` tensor, or a mapping of keyword inputs); the first ``samples``
+            samples are analysed.
+        labels: class of each sample in ``inputs`` (enables NC metrics and sets ``C``).
+        samples: how many samples to analyse, ``>= 1`` (capped at the batch size).
+        top_k: singular triplets per Jacobian.
+        output_dir: created if needed; receives ``report.json``, ``spectra.png``, ``alignment.png``,
+            ``trajectory.png`` and ``s1_vs_depth.png``.
+        trust_remote_code: passed to ``from_pretrained`` when loading by id (off by default).
+        progress: tqdm bar over (block, sample) pairs.
+        metadata: extra JSON-ready entries recorded in ``report.settings`` (e.g. the dataset and split).
+        analyze_kwargs: any other :func:`analyze` argument (``num_classes``, ``power_iters``, ``dtype``, ...).
+    """
+    samples = check_integer("samples", samples)
+    model = model_or_id
+    if not isinstance(model, nn.Module):
+        analyze_kwargs.setdefault("model_name", str(model_or_id))
+        model = load_model(model_or_id, trust_remote_code=trust_remote_code)
+    batch = _batch_size(inputs)
+    count = min(samples, batch)
+    selected = _take(inputs, count, batch)
+    if labels is not None:
+        labels = torch.as_tensor(labels).reshape(-1)
+        if labels.shape[0] != batch:
+            raise ValueError(f"labels must hold one label per input sample ({batch}); got {labels.shape[0]}")
+        labels = labels[:count]
+    report = analyze(model, selected, labels, top_k, progress=progress, **analyze_kwargs)
+    report.settings.update(metadata or {})
+    output_dir = Path(output_dir)
+    report.save_json(output_dir / "report.json")
+    plot_report(report, output_dir)
+    return report
 
 
 def add_align_command(commands: argparse._SubParsersAction) -> None:
@@ -58,12 +133,12 @@ def add_align_command(commands: argparse._SubParsersAction) -> None:
     align.add_argument("--split", default="test", help="dataset split to draw samples from (default: test)")
     align.add_argument(
         "--samples",
-        type=_integer_at_least(1),
+        type=integer_at_least(1),
         default=32,
         help="images analysed, drawn class-balanced at random (default: 32)",
     )
     align.add_argument(
-        "--top-k", type=_integer_at_least(1), default=16, help="singular triplets per Jacobian (default: 16)"
+        "--top-k", type=integer_at_least(1), default=16, help="singular triplets per Jacobian (default: 16)"
     )
     align.add_argument(
         "--output", type=Path, default=Path("alignment"), help="folder for report.json and the plots"
@@ -71,7 +146,7 @@ def add_align_command(commands: argparse._SubParsersAction) -> None:
     align.add_argument("--revision", default=None, help="model revision (branch, tag or commit)")
     align.add_argument(
         "--power-iters",
-        type=_integer_at_least(0),
+        type=integer_at_least(0),
         default=2,
         help="block-Krylov iterations of the randomized SVD (default: 2)",
     )
@@ -83,7 +158,7 @@ def add_align_command(commands: argparse._SubParsersAction) -> None:
     )
     align.add_argument(
         "--num-classes",
-        type=_integer_at_least(1),
+        type=integer_at_least(1),
         default=None,
         help="C for RA3 (default: the number of classes of the dataset's label column)",
     )
@@ -95,7 +170,7 @@ def add_align_command(commands: argparse._SubParsersAction) -> None:
     )
     align.add_argument(
         "--coupling-samples",
-        type=_integer_at_least(0),
+        type=integer_at_least(0),
         default=None,
         help="samples that get cross-depth products U_j^T J_i V_j (default: all)",
     )
@@ -146,7 +221,6 @@ def _load_inputs(args: argparse.Namespace, model: Any, processor: Any) -> tuple[
     from datasets import ClassLabel
 
     from ..data import EMBEDDED_DATASET, load_image_dataset
-    from ..evaluation.features import default_image_processor, find_image_column, find_label_column
 
     dataset_name = args.dataset or EMBEDDED_DATASET
     dataset = load_image_dataset(dataset_name, split=args.split)
@@ -204,9 +278,8 @@ def _format(value: float | None, spec: str = ".3g") -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _print_summary(report: Any, output: Path) -> None:
-    from .plots import REPORT_PLOTS
-
+def _print_summary(report: AlignmentReport, output: Path) -> None:
+    """One row per block, the headline RA/NC numbers and the paths written, on stdout."""
     rows = [("block", "alpha", "s1", "rank", "|<u1,v1>|")]
     saturated = False
     for block in report.blocks:
@@ -249,11 +322,6 @@ def _print_summary(report: Any, output: Path) -> None:
 
 def run_align(args: argparse.Namespace) -> int:
     """Handler of ``hf-resdecay align``: load, preprocess, analyse, write and print; returns 0."""
-    import torch
-
-    from ..evaluation.features import load_encoder
-    from .diagnostics import run_alignment
-
     model, processor = load_encoder(args.model, args.revision)
     pixel_values, labels, num_classes, metadata = _load_inputs(args, model, processor)
     wanted = getattr(torch, args.dtype)

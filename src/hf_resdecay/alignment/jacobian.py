@@ -90,7 +90,8 @@ def analysis_attention(model: nn.Module | None = None) -> Iterator[None]:
             model.set_attn_implementation(previous)
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
+def check_integer(name: str, value: object, minimum: int = 1) -> int:
+    """``value`` as an ``int`` when it is an integer (not a bool) ``>= minimum``; ``ValueError`` naming it."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}; got {value!r}")
     return int(value)
@@ -192,7 +193,7 @@ def hutchinson_frobenius_sq(
     chunk_size: int | None = None,
 ) -> float:
     """Unbiased estimate of ``||J(h)||_F^2 = E ||J z||^2`` over Rademacher probes ``z`` (Hutchinson)."""
-    probes = _check_int("probes", probes, 1)
+    probes = check_integer("probes", probes, 1)
     z = _rademacher(probes, h.numel(), h.dtype, h.device, generator)
     with torch.no_grad():
         return float(_batched_jvp(fn, h.detach(), z, chunk_size).double().pow(2).sum() / probes)
@@ -315,11 +316,11 @@ def residual_jacobian_svd(
         raise ValueError(f"method must be one of {', '.join(map(repr, METHODS))}; got {method!r}")
     if dtype not in _DTYPES:
         raise ValueError(f"dtype must be None, torch.float32 or torch.float64; got {dtype!r}")
-    k = _check_int("k", k, 1)
-    oversample = _check_int("oversample", oversample, 0)
-    power_iters = _check_int("power_iters", power_iters, 0)
-    dense_max_dim = _check_int("dense_max_dim", dense_max_dim, 1)
-    frobenius_probes = _check_int("frobenius_probes", frobenius_probes, 0)
+    k = check_integer("k", k, 1)
+    oversample = check_integer("oversample", oversample, 0)
+    power_iters = check_integer("power_iters", power_iters, 0)
+    dense_max_dim = check_integer("dense_max_dim", dense_max_dim, 1)
+    frobenius_probes = check_integer("frobenius_probes", frobenius_probes, 0)
     if dtype is not None:
         h = h.to(dtype)
     h = h.detach()

@@ -1,7 +1,9 @@
 """PNG figures of an :class:`~hf_resdecay.alignment.AlignmentReport`, readable at a glance.
 
-Matplotlib with the Agg backend (no display needed). Every figure has a title naming the model, labelled
-axes and, for heatmaps, a colorbar with a fixed ``[0, 1]`` range so that two reports compare by eye.
+Matplotlib is imported inside the plotting functions and draws on its Agg canvas directly (no pyplot
+figure manager), so importing this module needs no matplotlib and never changes a notebook's backend. Every
+figure has a title naming the model, labelled axes and, for heatmaps, a colorbar with a fixed ``[0, 1]``
+range so that two reports compare by eye.
 """
 
 from __future__ import annotations
@@ -10,16 +12,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt
-from matplotlib import cm, colors
+from typing import Any
 
 from ..atomic import save_figure_atomic
-from .diagnostics import AlignmentReport, depth_scaling
+from ..evaluation.plots import new_figure
+from .metrics import depth_scaling
+from .report import AlignmentReport
 
 __all__ = [
     "REPORT_PLOTS",
@@ -36,11 +34,10 @@ REPORT_PLOTS = ("spectra.png", "alignment.png", "trajectory.png", "s1_vs_depth.p
 """File names :func:`plot_report` writes, in order."""
 
 
-def _save(figure: plt.Figure, path: str | os.PathLike) -> Path:
-    return save_figure_atomic(figure, path)
+def _depth_colors(count: int) -> Any:
+    """A viridis colour scale over block indices ``0 .. count - 1``, usable as a colorbar."""
+    from matplotlib import cm, colors
 
-
-def _depth_colors(count: int):
     norm = colors.Normalize(vmin=0, vmax=max(count - 1, 1))
     return cm.ScalarMappable(norm=norm, cmap="viridis")
 
@@ -50,7 +47,7 @@ def plot_spectra(report: AlignmentReport, path: str | os.PathLike) -> Path:
 
     Under RA3 the curves drop sharply after index ``C`` (dashed line).
     """
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = new_figure((7, 4.5))
     mapper = _depth_colors(report.num_blocks)
     for index, block in enumerate(report.blocks):
         ranks = range(1, len(block.singular_values) + 1)
@@ -68,12 +65,12 @@ def plot_spectra(report: AlignmentReport, path: str | os.PathLike) -> Path:
     axis.grid(True, which="both", alpha=0.3)
     colorbar = figure.colorbar(mapper, ax=axis)
     colorbar.set_label("block index (depth)")
-    return _save(figure, path)
+    return save_figure_atomic(figure, path)
 
 
 def plot_alignment(report: AlignmentReport, path: str | os.PathLike) -> Path:
     """RA2 heatmaps: ``|<u_i, v_i>|`` per block, cross-depth diagonal fraction, top-K subspace overlap."""
-    figure, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    figure, axes = new_figure((16, 4.8), 1, 3)
     panels = [
         (
             [block.alignment for block in report.blocks],
@@ -104,12 +101,14 @@ def plot_alignment(report: AlignmentReport, path: str | os.PathLike) -> Path:
         axis.set_ylabel(ylabel)
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04)
     figure.suptitle(f"{report.model}: residual alignment (RA2)")
-    return _save(figure, path)
+    return save_figure_atomic(figure, path)
 
 
 def plot_trajectory(report: AlignmentReport, path: str | os.PathLike) -> Path:
     """RA1: one sample's path ``h_0 .. h_L`` in its own 2-D PCA, and all samples in a shared PCA."""
-    figure, (own, shared) = plt.subplots(1, 2, figsize=(13, 5.2))
+    from matplotlib import cm, colors
+
+    figure, (own, shared) = new_figure((13, 5.2), 1, 2)
     points = report.sample_trajectory_pca
     if points:
         xs, ys = [p[0] for p in points], [p[1] for p in points]
@@ -141,12 +140,12 @@ def plot_trajectory(report: AlignmentReport, path: str | os.PathLike) -> Path:
         f"mean line shape {report.ra1.get('line_shape', math.nan):.3f}, "
         f"PC1 share {report.ra1.get('pc1_share', math.nan):.3f}"
     )
-    return _save(figure, path)
+    return save_figure_atomic(figure, path)
 
 
 def plot_s1_vs_depth(report: AlignmentReport, path: str | os.PathLike) -> Path:
     """RA4 within a model: mean top singular value per block, with its spread over samples."""
-    figure, axis = plt.subplots(figsize=(7, 4.5))
+    figure, axis = new_figure((7, 4.5))
     index = list(range(report.num_blocks))
     means = [block.singular_values[0] for block in report.blocks]
     spread = [block.singular_values_std[0] for block in report.blocks]
@@ -155,13 +154,13 @@ def plot_s1_vs_depth(report: AlignmentReport, path: str | os.PathLike) -> Path:
     axis.set_ylabel("top singular value s_1 (mean +- std over samples)")
     axis.set_title(f"{report.model}: s_1 against depth (RA4), {report.num_blocks} blocks")
     axis.grid(True, alpha=0.3)
-    return _save(figure, path)
+    return save_figure_atomic(figure, path)
 
 
 def plot_depth_scaling(reports: Sequence[AlignmentReport], path: str | os.PathLike) -> Path:
     """RA4 across models: mean ``s_1`` against total depth on log-log axes, with the fitted slope."""
     fit = depth_scaling(reports)
-    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    figure, axis = new_figure((6.5, 4.5))
     axis.loglog(fit.depths, fit.s1, "o", label="models")
     low, high = min(fit.depths), max(fit.depths)
     xs = [low * (high / low) ** (t / 20) for t in range(21)]
@@ -172,7 +171,7 @@ def plot_depth_scaling(reports: Sequence[AlignmentReport], path: str | os.PathLi
     axis.set_title("RA4: s_1 against depth across models (slope -1 means s_1 ~ 1/L)")
     axis.legend()
     axis.grid(True, which="both", alpha=0.3)
-    return _save(figure, path)
+    return save_figure_atomic(figure, path)
 
 
 def plot_report(report: AlignmentReport, output_dir: str | os.PathLike) -> list[Path]:

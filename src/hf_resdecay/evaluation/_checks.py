@@ -1,20 +1,42 @@
-"""Input checks shared by the evaluation functions: one place for the error messages users see."""
+"""Input checks shared by the evaluation functions and the commands: one place for the messages users see."""
 
 from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 
-def as_feature_matrix(features, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``features`` as a finite (samples, dim) tensor; ``ValueError`` naming ``name`` otherwise."""
+def integer_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type`` for integers ``>= minimum`` (argparse names the flag in its error)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {value!r}") from None
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}; got {number}")
+        return number
+
+    return parse
+
+
+def as_feature_matrix(
+    features, name: str, dtype: torch.dtype = torch.float32, min_samples: int = 1
+) -> torch.Tensor:
+    """``features`` as a finite (samples, dim) tensor with at least ``min_samples`` rows; ``ValueError``
+    naming ``name`` otherwise."""
     if features is None:
         raise ValueError(f"{name} is required: a (samples, dim) array of features")
-    tensor = torch.as_tensor(np.asarray(features) if isinstance(features, list) else features)
+    tensor = torch.as_tensor(features if torch.is_tensor(features) else np.asarray(features))
     if tensor.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, dim); got shape {tuple(tensor.shape)}")
-    if tensor.shape[0] == 0:
-        raise ValueError(f"{name} is empty: it needs at least one sample")
+    if tensor.shape[0] < min_samples:
+        plural = "s" if min_samples > 1 else ""
+        raise ValueError(f"{name} needs at least {min_samples} sample{plural}; got {tensor.shape[0]}")
     tensor = tensor.to(dtype)
     if not torch.isfinite(tensor).all():
         bad = int((~torch.isfinite(tensor)).any(dim=1).sum())

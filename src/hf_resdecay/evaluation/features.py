@@ -168,6 +168,22 @@ def _check_model_type(config_path: Path) -> None:
         )
 
 
+def load_model(
+    model_or_id: torch.nn.Module | str | os.PathLike, trust_remote_code: bool = False, **kwargs
+) -> torch.nn.Module:
+    """``transformers.AutoModel.from_pretrained`` with this package's decayed models registered.
+
+    A module is returned as given. Importing :mod:`hf_resdecay` registers ``vit_mae_decay`` with the Auto
+    classes, so decayed checkpoints resolve without remote code; ``trust_remote_code`` stays off unless the
+    caller turns it on. ``kwargs`` (``revision``, ``torch_dtype``, ...) go to ``from_pretrained``.
+    """
+    if isinstance(model_or_id, torch.nn.Module):
+        return model_or_id
+    import hf_resdecay  # noqa: F401  (registers the decayed models with the Auto classes)
+
+    return AutoModel.from_pretrained(str(model_or_id), trust_remote_code=trust_remote_code, **kwargs)
+
+
 def load_encoder(model_or_id, revision: str | None = None) -> tuple[PreTrainedModel, object | None]:
     """A model and its image processor (None when the checkpoint has none) from an object, Hub id or dir.
 
@@ -176,11 +192,9 @@ def load_encoder(model_or_id, revision: str | None = None) -> tuple[PreTrainedMo
     """
     if isinstance(model_or_id, torch.nn.Module):
         return model_or_id, None
-    import hf_resdecay  # noqa: F401  (registers the decayed models with the Auto classes)
-
     check_model_source(model_or_id)
     try:
-        model = AutoModel.from_pretrained(model_or_id, revision=revision)
+        model = load_model(model_or_id, revision=revision)
     except OSError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ValueError(
