@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import AutoConfig, AutoModel, AutoModelForPreTraining
 
+from . import models
 from .models import (
     ViTMAEDecayConfig,
     ViTMAEDecayForPreTraining,
@@ -20,14 +21,12 @@ from .shortcut import SHORTCUT_SCHEDULES, alpha_eff, shortcut_coefficients
 
 __version__ = "0.1.0"
 
-_DIFFUSERS_MODELS = ("DiTDecayTransformer2DModel", "UNet2DDecayModel")
+_DIFFUSERS_MODELS = tuple(models._DIFFUSERS_MODELS)  # one list: models/__init__ imports them lazily
 
 
 def __getattr__(name: str) -> Any:
-    """Import the diffusers models on first access (see the module docstring)."""
+    """The diffusers models, imported on first access by ``hf_resdecay.models`` (see the module docstring)."""
     if name in _DIFFUSERS_MODELS:
-        from . import models
-
         return getattr(models, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

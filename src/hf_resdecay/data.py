@@ -365,3 +365,42 @@ def subset(dataset, limit: int | None, seed: int = 0):
     if limit is None or limit >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(limit))
+
+
+IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
+"""Column names taken for images when no column has the ``datasets.Image`` type."""
+LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class")
+"""Column names taken for labels when no column has the ``ClassLabel`` type."""
+
+
+def find_image_column(dataset, image_column: str | None = None) -> str:
+    """The column holding images: ``image_column`` when given (checked), else a ``datasets.Image`` feature,
+    else a conventional name."""
+    from datasets import Image
+
+    features = dataset.features or {}
+    columns = list(features) or list(getattr(dataset, "column_names", None) or [])
+    if image_column is not None:
+        if image_column not in columns:
+            raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {columns}")
+        return image_column
+    for name, feature in features.items():
+        if isinstance(feature, Image):
+            return name
+    for name in IMAGE_COLUMN_NAMES:
+        if name in columns:
+            return name
+    raise ValueError(
+        f"the dataset has no image column: columns are {columns} with types "
+        f"{[type(f).__name__ for f in features.values()]}; pass image_column= to name one"
+    )
+
+
+def find_label_column(dataset) -> str | None:
+    """The column holding class labels: a ``ClassLabel`` feature, else a conventional name, else None."""
+    from datasets import ClassLabel
+
+    for name, feature in dataset.features.items():
+        if isinstance(feature, ClassLabel):
+            return name
+    return next((name for name in LABEL_COLUMN_NAMES if name in dataset.features), None)

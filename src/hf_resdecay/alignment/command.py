@@ -22,14 +22,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..data import find_image_column, find_label_column
 from ..evaluation._checks import integer_at_least
-from ..evaluation.features import (
-    default_image_processor,
-    find_image_column,
-    find_label_column,
-    load_encoder,
-    load_model,
-)
+from ..evaluation.features import default_image_processor, load_encoder, load_model
 from .analysis import analyze
 from .jacobian import METHODS, check_integer
 from .plots import REPORT_PLOTS, plot_report

@@ -19,8 +19,9 @@ import torch
 
 from .. import __version__
 from ..atomic import write_json_atomic
+from ..data import find_label_column
 from ._checks import integer_at_least
-from .features import check_model_source, encoder_feature_fn, find_label_column, recording_feature_sources
+from .features import check_model_source, encoder_feature_fn, recording_feature_sources
 from .fid import FID_IMAGE_SIZE, fid_for_pipeline, load_fid_inception
 from .plots import plot_depth_curves
 from .suite import REPRESENTATION_METRICS, evaluate_representations

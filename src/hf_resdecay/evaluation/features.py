@@ -26,12 +26,11 @@ from transformers import AutoImageProcessor, AutoModel, PreTrainedModel, ViTImag
 
 from ..assets import default_cache_dir, sha256_of
 from ..atomic import atomic_write, write_json_atomic
+from ..data import find_image_column, find_label_column
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "pooler")
-IMAGE_COLUMN_NAMES = ("image", "img", "pixel_values", "picture")
-LABEL_COLUMN_NAMES = ("label", "labels", "fine_label", "class")
 
 
 @dataclass
@@ -53,39 +52,6 @@ class FeatureSet:
     def last(self) -> np.ndarray:
         """Features of the deepest layer that was extracted."""
         return self.features[self.layers[-1]]
-
-
-def find_image_column(dataset, image_column: str | None = None) -> str:
-    """The column holding images: ``image_column`` when given (checked), else a ``datasets.Image`` feature,
-    else a conventional name."""
-    from datasets import Image
-
-    features = dataset.features or {}
-    columns = list(features) or list(getattr(dataset, "column_names", None) or [])
-    if image_column is not None:
-        if image_column not in columns:
-            raise ValueError(f"image_column={image_column!r} is not a column of the dataset: {columns}")
-        return image_column
-    for name, feature in features.items():
-        if isinstance(feature, Image):
-            return name
-    for name in IMAGE_COLUMN_NAMES:
-        if name in columns:
-            return name
-    raise ValueError(
-        f"the dataset has no image column: columns are {columns} with types "
-        f"{[type(f).__name__ for f in features.values()]}; pass image_column= to name one"
-    )
-
-
-def find_label_column(dataset) -> str | None:
-    """The column holding class labels: a ``ClassLabel`` feature, else a conventional name, else None."""
-    from datasets import ClassLabel
-
-    for name, feature in dataset.features.items():
-        if isinstance(feature, ClassLabel):
-            return name
-    return next((name for name in LABEL_COLUMN_NAMES if name in dataset.features), None)
 
 
 def check_model_folder(folder: str | os.PathLike, config_name: str | None = "config.json") -> None:

@@ -17,7 +17,7 @@ from PIL import Image
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..features import find_image_column
+from ...data import find_image_column
 from .distance import feature_statistics, frechet_distance, frechet_distance_from_stats
 from .inception import FID_IMAGE_SIZE, load_fid_inception
 
