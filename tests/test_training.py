@@ -90,7 +90,7 @@ def test_checkpoints_save_resume_and_rotate(tmp_path):
         checkpoint_step(tmp_path / "final")
 
 
-def test_publish_directory_replaces_the_model_with_the_marker_last(tmp_path):
+def test_publish_directory_replaces_the_model_and_keeps_other_files(tmp_path):
     target = tmp_path / "out"
     target.mkdir()
     (target / "config.json").write_text("old")

@@ -41,10 +41,13 @@ from hf_resdecay.training import (
     CommonTrainingArguments,
     DataArguments,
     MetricsLog,
+    OutputLocked,
     TrainingLoop,
     enable_gradient_checkpointing,
+    exit_interrupted,
     fail,
     given_flags,
+    hold_output_lock,
     input_dtype,
     load_splits,
     make_accelerator,
@@ -262,6 +265,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         check_arguments(model_args, args)
+        data_args.check()
     except ValueError as error:
         fail(str(error))
     accelerator = make_accelerator(args)
@@ -286,14 +290,15 @@ def main(argv: list[str] | None = None) -> None:
     scheduler_kind = make_scheduler(args.objective, args.num_train_timesteps)
     transform = ImageTransform(model.config.sample_size, channels, "center", hflip=data_args.hflip)
     labels = label_column if num_classes else None
-    loader, data = training_loader(accelerator, train, image_column, transform, args, data_args, labels)
+    try:  # a few images are decoded first: a broken dataset fails here
+        loader, data = training_loader(accelerator, train, image_column, transform, args, data_args, labels)
+    except ValueError as error:
+        fail(str(error))
     optimizer = torch.optim.AdamW(
         parameter_groups(model, args.weight_decay), lr=args.learning_rate, betas=(0.9, 0.999)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     ema = make_ema(model.parameters(), args.ema_decay, accelerator.device) if args.use_ema else None
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
     accumulation = accelerator.gradient_accumulation_steps  # the launcher's config may have set it
     global_batch = args.per_device_train_batch_size * accumulation * accelerator.num_processes
     if data_args.streaming:
@@ -308,11 +313,15 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
     lr_schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    accelerator.register_for_checkpointing(lr_schedule)
+    states = {"lr_schedule": lr_schedule} | ({"ema": ema} if ema is not None else {})  # never pickled
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one run per output folder, for the whole run
+            hold_output_lock(output_dir)
+        except OutputLocked as error:
+            fail(f"{error}: wait for it to end, or choose another --output_dir")
     try:
-        start_step, position = resume_state(accelerator, checkpoints, args.resume_from_checkpoint)
+        start_step, position = resume_state(accelerator, checkpoints, args.resume_from_checkpoint, states)
     except ValueError as error:
         fail(str(error))
     if args.report_to != "none":
@@ -356,7 +365,7 @@ def main(argv: list[str] | None = None) -> None:
         accelerator, model, optimizer, lr_schedule, loader, data, args, total_steps, checkpoints, log,
         LR_FLAG, args.learning_rate, SCRIPT, train_step, streaming=data_args.streaming,
         end_of_epoch=end_of_epoch, saved_weights=saved_weights,
-        after_step=(lambda: ema.step(model.parameters())) if ema is not None else None,
+        after_step=(lambda: ema.step(model.parameters())) if ema is not None else None, states=states,
     )  # fmt: skip
     done = loop.run(start_step, position, None if data_args.streaming else steps_per_epoch)
     epochs = epochs or done.epochs
@@ -367,6 +376,8 @@ def main(argv: list[str] | None = None) -> None:
     if accelerator.is_main_process:
         results = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs, "summary": {}}
         results["run"] = run
+        if data_args.skip_bad_images:
+            results["skipped_images"] = {"count": len(done.bad_images), "files": done.bad_images}
         sampler = make_scheduler(args.objective, args.num_train_timesteps)
         staging = output_dir / ".final.partial"
         shutil.rmtree(staging, ignore_errors=True)
@@ -397,8 +408,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         save_card_atomic(card, staging / "README.md")
         marker = "model_index.json" if model_args.model == "unet" else f"{subfolder}/config.json"
-        publish_directory(staging, output_dir, marker=marker)
-        write_json_atomic(results, output_dir / "results.json")
+        write_json_atomic(results, staging / "results.json")
+        publish_directory(staging, output_dir, marker=marker)  # model, card and results in one atomic step
         print(f"final training loss {done.last_loss:.4f}; model saved to {output_dir}", flush=True)
     accelerator.wait_for_everyone()
     if args.report_to != "none":
@@ -409,4 +420,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     print(f"hf_resdecay {hf_resdecay.__version__}, started {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        exit_interrupted()

@@ -39,10 +39,13 @@ from hf_resdecay.training import (
     CommonTrainingArguments,
     DataArguments,
     MetricsLog,
+    OutputLocked,
     TrainingLoop,
     enable_gradient_checkpointing,
+    exit_interrupted,
     fail,
     given_flags,
+    hold_output_lock,
     input_dtype,
     load_splits,
     make_accelerator,
@@ -256,6 +259,7 @@ def main(argv: list[str] | None = None) -> None:
     model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
     try:
         args.check()
+        data_args.check()
         if args.knn_train_samples < 1 or args.knn_eval_samples < 1 or args.eval_every < 0:
             raise ValueError("--knn_train_samples and --knn_eval_samples must be >= 1, --eval_every >= 0")
     except ValueError as error:
@@ -272,6 +276,13 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
 
     has_labels = validation is not None and label_column is not None and label_column in validation.features
+    if not has_labels:
+        accelerator.print(
+            "no labelled validation data: the kNN monitor is off (no kNN figure in results.json)"
+        )
+    elif len(set(validation[label_column])) < 2:
+        has_labels = False
+        accelerator.print("the validation labels hold one class: the kNN monitor is off (no kNN figure)")
     if has_labels:  # fixed random subsets for the kNN monitor (a class-sorted folder would bias a prefix)
         knn_bank = subset(train, args.knn_train_samples, seed=args.seed) if not data_args.streaming else None
         knn_queries = subset(validation, args.knn_eval_samples, seed=args.seed)
@@ -286,7 +297,10 @@ def main(argv: list[str] | None = None) -> None:
     mean, std = image_statistics(model_args, config.num_channels)
     processor = eval_processor(image_size, mean, std)
     transform = ImageTransform(image_size, config.num_channels, "random-resized", hflip=data_args.hflip)
-    loader, data = training_loader(accelerator, train, image_column, transform, args, data_args)
+    try:  # a few images are decoded first: a broken dataset fails here
+        loader, data = training_loader(accelerator, train, image_column, transform, args, data_args)
+    except ValueError as error:
+        fail(str(error))
     accumulation = accelerator.gradient_accumulation_steps  # the launcher's config may have set it
     global_batch = args.per_device_train_batch_size * accumulation * accelerator.num_processes
     args.global_batch_size, args.hflip = global_batch, data_args.hflip  # for the card
@@ -309,14 +323,16 @@ def main(argv: list[str] | None = None) -> None:
         fail(str(error))
     epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
-    accelerator.register_for_checkpointing(scheduler)
+    states = {"lr_schedule": scheduler}  # saved in checkpoints as safetensors + JSON, never pickled
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+        try:  # one run per output folder, for the whole run
+            hold_output_lock(output_dir)
+        except OutputLocked as error:
+            fail(f"{error}: wait for it to end, or choose another --output_dir")
     try:
-        start_step, position = resume_state(
-            accelerator, output_dir / "checkpoints", args.resume_from_checkpoint
-        )
+        start_step, position = resume_state(accelerator, checkpoints, args.resume_from_checkpoint, states)
     except ValueError as error:
         fail(str(error))
     if args.report_to != "none":
@@ -354,11 +370,14 @@ def main(argv: list[str] | None = None) -> None:
     loop = TrainingLoop(
         accelerator, model, optimizer, scheduler, loader, data, args, total_steps, checkpoints, log, LR_FLAG,
         learning_rate, SCRIPT, train_step, streaming=data_args.streaming, end_of_epoch=end_of_epoch,
+        states=states,
     )  # fmt: skip
     done = loop.run(start_step, position, None if data_args.streaming else steps_per_epoch)
     epochs = epochs or done.epochs
 
     results: dict = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs}
+    if data_args.skip_bad_images:
+        results["skipped_images"] = {"count": len(done.bad_images), "files": done.bad_images}
     results |= {
         "knn_history": knn_history,
         "run": run,
@@ -391,8 +410,8 @@ def main(argv: list[str] | None = None) -> None:
             epochs,
         )  # fmt: skip
         save_card_atomic(card, staging / "README.md")
-        publish_directory(staging, output_dir)
-        write_json_atomic(results, output_dir / "results.json")
+        write_json_atomic(results, staging / "results.json")
+        publish_directory(staging, output_dir)  # model, card and results together, in one atomic step
         print(f"model saved to {output_dir}", flush=True)
     accelerator.wait_for_everyone()
     if args.report_to != "none":
@@ -403,4 +422,7 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     print(f"hf_resdecay {hf_resdecay.__version__}, started {time.strftime('%Y-%m-%d %H:%M:%S')}", flush=True)
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        exit_interrupted()

@@ -12,12 +12,14 @@ The package's modules, each one job: :mod:`.arguments` (flags and data), :mod:`.
 RNG, divergence stop, schedule lengths, logs), :mod:`.checkpoints` (save and resume), :mod:`.distributed`
 (what must work on sharded models: gathering weights, evaluation copies, input dtypes, EMA), :mod:`.images`
 (the training image pipeline), :mod:`.loop` (the loop both scripts drive), :mod:`.publish` (atomic output,
-Hub).
+Hub), :mod:`.lock` (one run per output folder).
 """
 
 from .arguments import CommonTrainingArguments, DataArguments, fail, given_flags, load_splits
 from .checkpoints import (
     CHECKPOINT_PREFIX,
+    CheckpointError,
+    check_checkpoint,
     checkpoint_dirs,
     checkpoint_step,
     remove_partial_checkpoints,
@@ -26,14 +28,17 @@ from .checkpoints import (
     save_checkpoint,
 )
 from .distributed import full_state_dict, input_dtype, is_sharded, make_ema, unsharded_model
+from .lock import OutputLocked, RunLock, hold_output_lock
 from .loop import LoopResult, TrainingLoop
-from .publish import publish_directory, push_final_model, push_folder, with_retries
+from .publish import publish_directory, push_final_model, push_folder, recover_publish, with_retries
 from .runtime import (
     MetricsLog,
     enable_gradient_checkpointing,
+    exit_interrupted,
     make_accelerator,
     parameter_groups,
     plan_steps,
+    resume_command,
     run_settings,
     step_rng,
     step_seed,
@@ -43,17 +48,23 @@ from .runtime import (
 
 __all__ = [
     "CHECKPOINT_PREFIX",
+    "CheckpointError",
     "CommonTrainingArguments",
     "DataArguments",
     "LoopResult",
     "MetricsLog",
+    "OutputLocked",
+    "RunLock",
     "TrainingLoop",
+    "check_checkpoint",
     "checkpoint_dirs",
     "checkpoint_step",
     "enable_gradient_checkpointing",
+    "exit_interrupted",
     "fail",
     "full_state_dict",
     "given_flags",
+    "hold_output_lock",
     "input_dtype",
     "is_sharded",
     "load_splits",
@@ -64,8 +75,10 @@ __all__ = [
     "publish_directory",
     "push_final_model",
     "push_folder",
+    "recover_publish",
     "remove_partial_checkpoints",
     "resolve_resume",
+    "resume_command",
     "resume_state",
     "run_settings",
     "save_checkpoint",

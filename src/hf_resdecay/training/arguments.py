@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,29 @@ class DataArguments:
     shuffle_buffer_size: int = field(
         default=10_000, metadata={"help": "images in the streaming shuffle buffer"}
     )
+    skip_bad_images: bool = field(
+        default=False,
+        metadata={"help": "train on when an image does not decode (replaced; listed in results.json)"},
+    )
+
+    def check(self) -> None:
+        """Raise ``ValueError`` naming the flag for a data folder that does not exist (before any setup)."""
+        for flag in ("train_dir", "validation_dir"):
+            value = getattr(self, flag)
+            if value is not None and not Path(value).expanduser().is_dir():
+                raise ValueError(f"--{flag} {value}: no such folder")
+        name = self.dataset_name
+        if name is not None and _looks_like_path(name) and not Path(name).expanduser().exists():
+            raise ValueError(
+                f"--dataset_name {name}: no such folder (a Hub dataset id has the form org/name)"
+            )
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a ``--dataset_name`` can only be a local path (a Hub id is ``name`` or ``org/name``)."""
+    if name.startswith("embedded:"):
+        return False
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
 
 
 @dataclass
@@ -96,6 +121,11 @@ class CommonTrainingArguments:
 
     def check(self) -> None:
         """Raise ``ValueError`` naming the flag and its allowed values for the first bad setting."""
+        for item in dataclasses.fields(self):  # the scripts' own float flags too (learning rates)
+            value = getattr(self, item.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"--{item.name} must be a finite number; got {value}")
+        self._check_output_dir()
         if self.hub_strategy not in ("end", "checkpoint"):
             raise ValueError(f"--hub_strategy must be 'end' or 'checkpoint'; got {self.hub_strategy!r}")
         if self.push_to_hub and not self.hub_model_id:
@@ -120,6 +150,16 @@ class CommonTrainingArguments:
         for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1 when given; got {getattr(self, name)}")
+
+    def _check_output_dir(self) -> None:
+        path = Path(self.output_dir).expanduser()
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"--output_dir {self.output_dir} is a file, not a folder: choose another path")
+        existing = next(folder for folder in (path.absolute(), *path.absolute().parents) if folder.exists())
+        if not existing.is_dir():
+            raise ValueError(f"--output_dir {self.output_dir}: {existing} is a file, not a folder")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ValueError(f"--output_dir {self.output_dir}: {existing} is not writable by this user")
 
 
 def given_flags(parser: HfArgumentParser, argv: list[str] | None = None) -> set[str]:

@@ -95,7 +95,20 @@ def decode_image(value, mode: str):
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
             return image.convert(mode)
     except (OSError, ValueError, SyntaxError) as error:
-        raise OSError(f"cannot decode the image {path or '(embedded bytes)'}: {error}") from error
+        raise BadImageError(path, error) from error
+
+
+class BadImageError(OSError):
+    """An image that does not decode; ``path`` names its file (None for bytes without a path)."""
+
+    def __init__(self, path: str | None, cause: BaseException):
+        super().__init__(f"cannot decode the image {path or '(embedded bytes)'}: {cause}")
+        self.path = path
+
+
+def _bad_name(error: OSError, index: int) -> str:
+    path = getattr(error, "path", None)
+    return str(path) if path else f"image at index {index} ({' '.join(str(error).split())})"
 
 
 class ImageTransform:
@@ -157,16 +170,34 @@ def _training_sample(
     return sample
 
 
+BAD_IMAGES = "bad_images"
+"""Batch key listing the files of the images that did not decode (each replaced; see :class:`TrainImages`)."""
+REPLACEMENT_TRIES = 64
+
+
 class TrainImages(torch.utils.data.Dataset):
     """A ``datasets.Dataset`` as training samples ``{"pixel_values": uint8 (C, S, S)[, "labels"]}``, each a
-    function of ``(seed, epoch, index)`` alone; call :meth:`set_epoch` before each epoch's iteration."""
+    function of ``(seed, epoch, index)`` alone; call :meth:`set_epoch` before each epoch's iteration.
+
+    An image that does not decode raises ``OSError`` naming it when read by index; in a loader's batch
+    (:meth:`__getitems__`) it is replaced and named under :data:`BAD_IMAGES`, so the training loop can stop
+    with one line or, with ``skip_bad_images``, train on: the replacement is the next index that decodes, a
+    fixed choice, so a resumed run reads what an uninterrupted one read.
+    """
 
     def __init__(
-        self, dataset, image_column: str, transform: ImageTransform, label_column: str | None = None, seed=0
+        self,
+        dataset,
+        image_column: str,
+        transform: ImageTransform,
+        label_column: str | None = None,
+        seed=0,
+        skip_bad_images: bool = False,
     ):
         self.dataset = _undecoded(dataset, image_column)
         self.image_column, self.label_column = image_column, label_column
         self.transform, self.seed, self.epoch = transform, seed, 0
+        self.skip_bad_images = skip_bad_images
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -178,15 +209,72 @@ class TrainImages(torch.utils.data.Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, index])
         return _training_sample(row, self.image_column, self.label_column, self.transform, rng)
 
+    def _replaced(self, index: int, error: OSError) -> dict:
+        """The sample of the next index that decodes, naming ``index``'s image (and any other bad one)."""
+        bad = [_bad_name(error, index)]
+        for offset in range(1, REPLACEMENT_TRIES + 1):
+            other = (index + offset) % len(self.dataset)
+            try:
+                sample = self._sample(self.dataset[other], index)
+            except OSError as again:
+                bad.append(_bad_name(again, other))
+                continue
+            return {**sample, BAD_IMAGES: bad}
+        raise OSError(f"none of the {REPLACEMENT_TRIES} images after index {index} decodes: {bad[0]}")
+
     def __getitem__(self, index: int) -> dict:
-        return self._sample(self.dataset[int(index)], int(index))
+        try:
+            return self._sample(self.dataset[int(index)], int(index))
+        except OSError as error:
+            if not self.skip_bad_images:
+                raise
+            return self._replaced(int(index), error)
 
     def __getitems__(self, indices: list[int]) -> list[dict]:
         rows = self.dataset[list(map(int, indices))]  # one columnar read for the whole batch
-        return [
-            self._sample({key: values[i] for key, values in rows.items()}, int(index))
-            for i, index in enumerate(indices)
-        ]
+        samples = []
+        for i, index in enumerate(indices):
+            try:
+                samples.append(self._sample({key: values[i] for key, values in rows.items()}, int(index)))
+            except OSError as error:  # named to the main process, which stops or skips
+                samples.append(self._replaced(int(index), error))
+        return samples
+
+
+def collate(samples: list[dict]) -> dict:
+    """A batch of samples; the names of the images that did not decode (if any) under :data:`BAD_IMAGES`."""
+    bad = [name for sample in samples for name in sample.get(BAD_IMAGES, [])]
+    batch = torch.utils.data.default_collate(
+        [{k: v for k, v in s.items() if k != BAD_IMAGES} for s in samples]
+    )
+    if bad:
+        batch[BAD_IMAGES] = bad
+    return batch
+
+
+def check_images(
+    dataset, image_column: str, mode: str, count: int = 16, skip_bad_images: bool = False
+) -> None:
+    """Decode ``count`` images spread over ``dataset`` before training, so that a broken dataset fails at
+    once: raise ``ValueError`` naming the first that does not decode (with ``skip_bad_images``, only when
+    none of them decodes)."""
+    if len(dataset) == 0:
+        return
+    dataset = _undecoded(dataset, image_column)
+    indices = sorted({round(i * (len(dataset) - 1) / max(1, count - 1)) for i in range(count)})
+    bad = []
+    for index in indices:
+        try:
+            decode_image(dataset[index][image_column], mode)
+        except OSError as error:
+            bad.append(" ".join(str(error).split()))
+    if bad and (not skip_bad_images or len(bad) == len(indices)):
+        raise ValueError(
+            f"{len(bad)} of {len(indices)} images checked before training do not decode, e.g. {bad[0]}: "
+            "fix or remove them, or pass --skip_bad_images"
+        )
+    if bad:
+        print(f"{len(bad)} of {len(indices)} images checked do not decode: they will be skipped", flush=True)
 
 
 class StreamingTrainImages(torch.utils.data.IterableDataset):
@@ -194,7 +282,9 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
 
     The random choices of the ``n``-th image a DataLoader worker yields in an epoch come from ``(seed, epoch,
     rank, worker, n)``: with the same number of workers the stream is the same on every run, so skipping
-    the batches already trained on resumes exactly.
+    the batches already trained on resumes exactly. An image that does not decode is left out and named
+    under :data:`BAD_IMAGES` in the next sample (without ``skip_bad_images`` the stream ends there, for the
+    loop to stop).
     """
 
     def __init__(
@@ -205,10 +295,14 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
         label_column: str | None = None,
         seed: int = 0,
         rank: int = 0,
+        skip_bad_images: bool = False,
     ):
         self.dataset = _undecoded(dataset, image_column)
         self.image_column, self.label_column = image_column, label_column
         self.transform, self.seed, self.rank, self.epoch = transform, seed, rank, 0
+        self.skip_bad_images, self.pending = skip_bad_images, []
+        size = transform.image_size
+        self._blank = torch.zeros(transform.channels, size, size, dtype=torch.uint8)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -217,9 +311,24 @@ class StreamingTrainImages(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker = info.id if info is not None else 0
-        for count, row in enumerate(self.dataset):
+        count = 0
+        for row in self.dataset:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker, count])
-            yield _training_sample(row, self.image_column, self.label_column, self.transform, rng)
+            try:
+                sample = _training_sample(row, self.image_column, self.label_column, self.transform, rng)
+            except OSError as error:  # named to the main process in the next sample, which stops or skips
+                self.pending.append(_bad_name(error, count))
+                if not self.skip_bad_images:
+                    sample = {"pixel_values": self._blank.clone()}
+                    if self.label_column is not None:
+                        sample["labels"] = 0
+                    yield {**sample, BAD_IMAGES: self.pending}
+                    return
+                continue
+            if self.pending:
+                sample[BAD_IMAGES], self.pending = self.pending, []
+            count += 1
+            yield sample
 
 
 class Normalize(nn.Module):
@@ -248,15 +357,18 @@ def training_loader(accelerator, train, image_column: str, transform: ImageTrans
     processes and shuffled in a buffer (:class:`StreamingTrainImages`), its batches moved by the loop.
 
     Images are decoded in ``args.dataloader_num_workers`` workers (default: :func:`default_num_workers`),
-    batches are uint8, pinned when the device is a GPU.
+    batches are uint8, pinned when the device is a GPU. A map-style dataset is checked first
+    (:func:`check_images`: ``ValueError`` when its images do not decode).
     """
     from datasets import IterableDataset
 
+    skip = data_args.skip_bad_images
     workers = args.dataloader_num_workers
     if workers is None:
         workers = default_num_workers(int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes)))
     options = dict(
         batch_size=args.per_device_train_batch_size,
+        collate_fn=collate,
         drop_last=True,
         num_workers=workers,
         pin_memory=accelerator.device.type == "cuda",
@@ -267,9 +379,10 @@ def training_loader(accelerator, train, image_column: str, transform: ImageTrans
         stream = split_dataset_by_node(train, accelerator.process_index, accelerator.num_processes)
         stream = stream.shuffle(seed=args.seed, buffer_size=data_args.shuffle_buffer_size)
         data = StreamingTrainImages(
-            stream, image_column, transform, label_column, args.seed, accelerator.process_index
+            stream, image_column, transform, label_column, args.seed, accelerator.process_index, skip
         )
         return torch.utils.data.DataLoader(data, **options), data
-    data = TrainImages(train, image_column, transform, label_column, args.seed)
+    check_images(train, image_column, transform.mode, skip_bad_images=skip)
+    data = TrainImages(train, image_column, transform, label_column, args.seed, skip)
     loader = torch.utils.data.DataLoader(data, shuffle=True, **options)
     return accelerator.prepare(loader), data

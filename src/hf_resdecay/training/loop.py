@@ -12,14 +12,16 @@ it)``, so a resumed run skips exactly the batches already trained on.
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .checkpoints import save_checkpoint
+from .images import BAD_IMAGES
 from .publish import push_folder
 from .runtime import MetricsLog, step_rng, stop_if_diverged
 
@@ -27,11 +29,12 @@ from .runtime import MetricsLog, step_rng, stop_if_diverged
 @dataclass
 class LoopResult:
     """Where a finished loop stands: optimizer steps taken, epochs begun, the last loss (mean over
-    processes)."""
+    processes), and the images skipped because they did not decode (all processes, whole run)."""
 
     step: int
     epochs: int
     last_loss: float
+    bad_images: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -41,7 +44,8 @@ class TrainingLoop:
     ``train_step(batch, generator, log_now)`` returns the micro-batch's loss and a dict of extra metrics to
     log (looked at only when ``log_now``); ``generator`` is seeded from ``(seed, rank, step, micro-batch)``
     on the accelerator's device. ``data`` is the dataset whose ``set_epoch`` fixes each epoch's random crops.
-    ``learning_rate`` (the peak) and ``lr_flag`` name what to lower when the loss diverges.
+    ``learning_rate`` (the peak) and ``lr_flag`` name what to lower when the loss diverges. ``states``: the
+    objects besides model and optimizer whose state a checkpoint holds (lr schedule, EMA), by name.
     """
 
     accelerator: object
@@ -62,6 +66,7 @@ class TrainingLoop:
     after_step: Callable[[], None] | None = None
     end_of_epoch: Callable[[int, int], None] | None = None
     saved_weights: Callable[[], Iterable[torch.Tensor]] | None = None
+    states: dict[str, object] = field(default_factory=dict)
 
     def _batches(self, epoch: int, skip: int) -> Iterator[dict]:
         """The micro-batches of ``epoch`` after the first ``skip``, on the accelerator's device."""
@@ -72,7 +77,34 @@ class TrainingLoop:
             return
         device = self.accelerator.device
         for batch in itertools.islice(iter(self.loader), skip, None):
-            yield {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+            yield {
+                key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+                for key, value in batch.items()
+            }
+
+    def _note_bad_images(self, batch: dict) -> None:
+        """Record the images of ``batch`` that did not decode; without ``--skip_bad_images`` stop with one
+        line naming the first (exit status 1)."""
+        bad = batch.pop(BAD_IMAGES, None)
+        if not bad:
+            return
+        if not getattr(self.data, "skip_bad_images", False):
+            tqdm.write(
+                f"error: cannot decode the image {bad[0]}: fix or remove the file, or pass --skip_bad_images "
+                "to train on without it",
+                file=sys.stderr,
+            )
+            raise SystemExit(1)
+        for name in bad:
+            if name not in self.bad_images:
+                self.bad_images.append(name)
+
+    def _all_bad_images(self) -> list[str]:
+        """The bad images every process met (every process must call it)."""
+        from accelerate.utils import gather_object
+
+        found = gather_object([self.bad_images]) if self.accelerator.num_processes > 1 else [self.bad_images]
+        return sorted({name for names in found for name in names})
 
     def _weights(self) -> Iterable[torch.Tensor]:
         return self.saved_weights() if self.saved_weights is not None else self.model.parameters()
@@ -88,6 +120,7 @@ class TrainingLoop:
         position follows from ``steps_per_epoch``) to ``total_steps``; returns a :class:`LoopResult`."""
         accelerator, args = self.accelerator, self.args
         accumulation = accelerator.gradient_accumulation_steps
+        self.bad_images = list((position or {}).get(BAD_IMAGES, []))
         if position:
             epoch, skip = position["epoch"], position["batches"]
         elif steps_per_epoch:
@@ -107,6 +140,7 @@ class TrainingLoop:
             read = skip
             for batch in self._batches(epoch, skip):
                 read += 1
+                self._note_bad_images(batch)
                 with accelerator.accumulate(self.model), self._rng(step, read) as generator:
                     log_now = accelerator.sync_gradients and (step + 1) % args.logging_steps == 0
                     loss, extra = self._micro_step(batch, generator, log_now)
@@ -136,7 +170,7 @@ class TrainingLoop:
                 epoch, skip = epoch + 1, 0
         progress.close()
         self._check(step, weights=True)
-        return LoopResult(step=step, epochs=epoch + 1, last_loss=last_loss)
+        return LoopResult(step=step, epochs=epoch + 1, last_loss=last_loss, bad_images=self._all_bad_images())
 
     def _rng(self, step: int, read: int):
         micro = (read - 1) % self.accelerator.gradient_accumulation_steps
@@ -158,9 +192,17 @@ class TrainingLoop:
 
     def _checkpoint(self, step: int, position: dict) -> None:
         self._check(step, weights=True)
+        bad = self._all_bad_images()
+        if bad:
+            position = {**position, BAD_IMAGES: bad}
         args = self.args
         saved = save_checkpoint(
-            self.accelerator, self.checkpoints, step, args.checkpoints_total_limit, position=position
+            self.accelerator,
+            self.checkpoints,
+            step,
+            args.checkpoints_total_limit,
+            position=position,
+            states=self.states,
         )
         if args.push_to_hub and args.hub_strategy == "checkpoint" and self.accelerator.is_main_process:
             push_folder(saved, args, f"checkpoint at step {step}", self.script, "last-checkpoint")

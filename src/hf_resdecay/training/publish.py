@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import json
 import os
 import shutil
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -14,23 +18,146 @@ if TYPE_CHECKING:
     from .arguments import CommonTrainingArguments
 
 
-def publish_directory(
-    staging: str | os.PathLike, target: str | os.PathLike, marker: str = "config.json"
-) -> Path:
-    """Move every file of ``staging`` into ``target`` so that a crash never leaves a mixed model behind.
+PUBLISHED = ".published.json"
+"""The list of files the last publish put in the folder (JSON): what the next publish replaces."""
 
-    The old ``marker`` (the file loaders look for first) is removed before, and the new one moved last:
-    at any instant ``target`` holds either a complete model or no ``marker`` at all. Each move is atomic.
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two directories in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    system or file system cannot."""
+    if sys.platform != "linux":
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except AttributeError:  # C library older than glibc 2.28
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(first))
+
+
+def _siblings(target: Path) -> tuple[Path, Path]:
+    return target.with_name(f".{target.name}.publish-new"), target.with_name(f".{target.name}.publish-old")
+
+
+def recover_publish(target: str | os.PathLike) -> None:
+    """Finish or undo a publish that a kill interrupted: where ``target`` is gone between the two renames of
+    the fallback swap, the complete new folder is renamed in; leftover sibling folders are deleted."""
+    target = Path(target)
+    new, old = _siblings(target)
+    if not target.exists() and (new / PUBLISHED).exists():
+        os.replace(new, target)
+    elif not target.exists() and old.exists():
+        os.replace(old, target)
+    shutil.rmtree(new, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _make_folder(new: Path, target: Path, relative: Path, step: Callable[[str], None]) -> None:
+    """``new / relative`` and its missing parents, each with the mode of its counterpart in ``target``."""
+    for part in reversed([relative, *relative.parents][:-1]):
+        if not (new / part).is_dir():
+            (new / part).mkdir()
+            shutil.copymode(target / part, new / part)
+            step(f"made {new / part}")
+
+
+def _carry(source: Path, new: Path, target: Path, relative: Path, step: Callable[[str], None]) -> None:
+    """``source`` into the new folder: a hard link (the same file), a copy where links fail."""
+    _make_folder(new, target, relative.parent, step)
+    destination = new / relative
+    if source.is_symlink():
+        os.symlink(os.readlink(source), destination)
+    else:
+        try:
+            os.link(source, destination)
+        except OSError:
+            shutil.copy2(source, destination)
+    step(f"linked {destination}")
+
+
+def _default_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def publish_directory(
+    staging: str | os.PathLike,
+    target: str | os.PathLike,
+    marker: str = "config.json",
+    on_step: Callable[[str], None] | None = None,
+) -> Path:
+    """Replace the model in ``target`` by the files of ``staging`` (model, card, ``results.json``...) in one
+    atomic step, keeping everything else in ``target`` (checkpoints, logs, other files).
+
+    The new folder is built beside ``target``: the staged files, the list of them (:data:`PUBLISHED`), and
+    hard links to every file of ``target`` that the previous publish did not put there (a copy where links
+    are not possible). Then the two folders are exchanged with one ``renameat2(RENAME_EXCHANGE)`` and the old
+    one is deleted. Guarantee, for a kill (even SIGKILL) at any instant: ``target`` holds either the complete
+    previous model with its ``results.json`` or the complete new one, never a mix, and the other files stay
+    (the same inodes: open log files keep writing into ``target``). Where the exchange is not available (not
+    Linux, some network file systems) the swap is two renames: a kill between them leaves no ``target``
+    but the complete new folder beside it, which :func:`recover_publish` (run by the next publish) renames
+    in. A file written into ``target`` while a publish runs may be lost: publish from the run that holds the
+    folder's lock. ``marker`` is the file loaders read first: a ``staging`` without it is refused as
+    incomplete. ``on_step`` (tests only) is called with a description after each file-system operation.
     """
     staging, target = Path(staging), Path(target)
-    target.mkdir(parents=True, exist_ok=True)
-    (target / marker).unlink(missing_ok=True)
-    files = sorted(path for path in staging.rglob("*") if path.is_file())
-    for path in sorted(files, key=lambda path: path.name == marker):
-        destination = target / path.relative_to(staging)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, destination)
-    shutil.rmtree(staging, ignore_errors=True)
+    step = on_step or (lambda what: None)
+    if not (staging / marker).is_file():
+        raise ValueError(f"{staging} holds no {marker}: an incomplete model is never published")
+    if target.is_symlink():
+        target = target.resolve()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover_publish(target)
+    new, old = _siblings(target)
+    published = sorted(path.relative_to(staging).as_posix() for path in staging.rglob("*") if path.is_file())
+    try:
+        os.replace(staging, new)
+    except OSError as error:
+        if error.errno != errno.EXDEV:
+            raise
+        shutil.copytree(staging, new)  # staged on another file system
+        shutil.rmtree(staging)
+    step(f"moved {staging} to {new}")
+    (new / PUBLISHED).write_text(json.dumps(published))
+    step(f"wrote {new / PUBLISHED}")
+    os.chmod(new, stat.S_IMODE(target.stat().st_mode) if target.exists() else _default_mode())
+    try:
+        previous = set(json.loads((target / PUBLISHED).read_text()))
+    except (OSError, ValueError):
+        previous = set()
+    replaced = previous | set(published) | {PUBLISHED}
+    for folder, dirs, files in os.walk(target) if target.exists() else ():
+        here = Path(folder)
+        links = [name for name in dirs if (here / name).is_symlink()]
+        if not dirs and not files and here != target:  # an empty folder is kept too
+            _make_folder(new, target, here.relative_to(target), step)
+        for name in sorted(files) + sorted(links):
+            relative = (here / name).relative_to(target)
+            if relative.as_posix() not in replaced:
+                _carry(here / name, new, target, relative, step)
+    if not target.exists():
+        os.replace(new, target)
+        step(f"renamed {new} to {target}")
+    elif _exchange(new, target):
+        step(f"exchanged {new} and {target}")
+        shutil.rmtree(new)
+        step(f"deleted the previous model ({new})")
+    else:
+        os.replace(target, old)
+        step(f"renamed {target} to {old}")
+        os.replace(new, target)
+        step(f"renamed {new} to {target}")
+        shutil.rmtree(old)
+        step(f"deleted the previous model ({old})")
     return target
 
 

@@ -7,10 +7,11 @@ import contextlib
 import json
 import math
 import os
+import shlex
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import numpy as np
 import torch
@@ -136,7 +137,7 @@ def run_settings(
         plain = accelerator.unwrap_model(model, keep_torch_compile=False)
         backend = accelerator.state.dynamo_plugin.backend.value.lower()
         settings["torch_compile"] = backend if is_compiled_module(model) else False
-        checkpointing = getattr(plain, "is_gradient_checkpointing", None)
+        checkpointing = getattr(plain, "is_activation_checkpointing", None)  # transformers 5.x
         if checkpointing is None:  # diffusers models
             checkpointing = any(getattr(m, "gradient_checkpointing", False) for m in plain.modules())
         settings["gradient_checkpointing"] = bool(checkpointing)
@@ -188,3 +189,27 @@ class MetricsLog:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.path, "a") as handle:
                 handle.write(json.dumps({"step": step, **values}) + "\n")
+
+
+def resume_command(script: str, argv: list[str]) -> str:
+    """The shell command that resumes a run of ``script`` started with ``argv``: the same flags, with
+    ``--resume_from_checkpoint latest`` instead of any given one."""
+    kept, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+        elif item in ("--resume_from_checkpoint", "--resume-from-checkpoint"):
+            skip = True
+        elif not item.startswith(("--resume_from_checkpoint=", "--resume-from-checkpoint=")):
+            kept.append(item)
+    return shlex.join(["accelerate", "launch", script, *kept, "--resume_from_checkpoint", "latest"])
+
+
+def exit_interrupted(script: str | None = None, argv: list[str] | None = None) -> NoReturn:
+    """After Ctrl-C: one line (main process) with the command that resumes from the last checkpoint, and
+    exit status 130, without a traceback. ``script`` and ``argv`` default to this process's command line."""
+    if os.environ.get("RANK", "0") == "0":
+        command = resume_command(script or sys.argv[0], sys.argv[1:] if argv is None else argv)
+        message = f"error: interrupted; resume from the last checkpoint with: {command}"
+        print(f"\n{message}", file=sys.stderr, flush=True)  # after any progress bar, on a line of its own
+    raise SystemExit(130)

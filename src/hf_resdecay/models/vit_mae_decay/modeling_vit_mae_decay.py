@@ -481,6 +481,9 @@ class ViTMAEDecayForPreTraining(ViTMAEDecayPreTrainedModel, ViTMAEForPreTraining
         self.decoder = ViTMAEDecayDecoder(
             config, num_patches=self.vit.embeddings.patch_embeddings.num_patches
         )
+        # upstream's post_init recorded its own children's block names (ViTMAEDecoder): FSDP's wrap policy
+        # and device maps must see ours only, so post_init collects them again from the parts in place
+        self._no_split_modules = type(self)._no_split_modules
         self.post_init()
 
     def _skip_sources(self) -> list[int]:
