@@ -53,12 +53,11 @@ from hf_resdecay.training import (
     make_accelerator,
     make_ema,
     parameter_groups,
-    plan_steps,
+    plan_schedule,
     publish_directory,
     push_final_model,
     resume_state,
     run_settings,
-    stream_steps_per_epoch,
     unsharded_model,
 )
 from hf_resdecay.training.images import ImageTransform, training_loader
@@ -301,18 +300,11 @@ def main(argv: list[str] | None = None) -> None:
     ema = make_ema(model.parameters(), args.ema_decay, accelerator.device) if args.use_ema else None
     accumulation = accelerator.gradient_accumulation_steps  # the launcher's config may have set it
     global_batch = args.per_device_train_batch_size * accumulation * accelerator.num_processes
-    if data_args.streaming:
-        steps_per_epoch = stream_steps_per_epoch(train, global_batch, data_args.train_split)
-    else:
-        steps_per_epoch = math.ceil(len(loader) / accumulation)
-        if steps_per_epoch == 0:
-            fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
     try:
-        total_steps, warmup_steps = plan_steps(args, steps_per_epoch)
+        plan = plan_schedule(args, train, loader, accumulation, global_batch, data_args.train_split)
     except ValueError as error:
         fail(str(error))
-    epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
-    lr_schedule = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    lr_schedule = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
     states = {"lr_schedule": lr_schedule} | ({"ema": ema} if ema is not None else {})  # never pickled
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -333,8 +325,8 @@ def main(argv: list[str] | None = None) -> None:
     run = run_settings(accelerator, args.learning_rate, global_batch, model)
     images = f"{len(train)} training images" if not data_args.streaming else "streamed training images"
     accelerator.print(
-        f"{images} ({channels} channel(s), {num_classes or 'no'} classes), {total_steps} steps "
-        f"({epochs or '?'} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
+        f"{images} ({channels} channel(s), {num_classes or 'no'} classes), {plan.total_steps} steps "
+        f"({plan.epochs or '?'} epochs), global batch {global_batch}; {model_args.model} with shortcut_decay="
         f"{unwrapped.config.shortcut_decay}, alpha_eff={alpha_eff(unwrapped.shortcut_coefficients):.3g}; "
         f"objective {args.objective}; run {run}"
     )
@@ -362,13 +354,13 @@ def main(argv: list[str] | None = None) -> None:
                 tqdm.write(f"epoch {epoch}: samples in {grid}")
 
     loop = TrainingLoop(
-        accelerator, model, optimizer, lr_schedule, loader, data, args, total_steps, checkpoints, log,
+        accelerator, model, optimizer, lr_schedule, loader, data, args, plan.total_steps, checkpoints, log,
         LR_FLAG, args.learning_rate, SCRIPT, train_step, streaming=data_args.streaming,
         end_of_epoch=end_of_epoch, saved_weights=saved_weights,
         after_step=(lambda: ema.step(model.parameters())) if ema is not None else None, states=states,
     )  # fmt: skip
-    done = loop.run(start_step, position, None if data_args.streaming else steps_per_epoch)
-    epochs = epochs or done.epochs
+    done = loop.run(start_step, position, None if data_args.streaming else plan.steps_per_epoch)
+    epochs = plan.epochs or done.epochs
 
     if ema is not None:
         ema.copy_to(model.parameters())  # the saved model is the EMA model (every process: its own slice)
@@ -400,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
         dataset_name = data_args.dataset_name or data_args.train_dir or EMBEDDED_DATASET
         info = SimpleNamespace(
             results=results, scheduler=sampler, steps=done.step, epochs=epochs, global_batch=global_batch,
-            warmup_steps=warmup_steps,
+            warmup_steps=plan.warmup_steps,
         )  # fmt: skip
         train_size = len(train) if not data_args.streaming else "streamed"
         card = render_card(

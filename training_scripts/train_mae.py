@@ -16,7 +16,6 @@ stops every process at once (exit status 1, naming the step and the lr); nothing
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -50,12 +49,11 @@ from hf_resdecay.training import (
     load_splits,
     make_accelerator,
     parameter_groups,
-    plan_steps,
+    plan_schedule,
     publish_directory,
     push_final_model,
     resume_state,
     run_settings,
-    stream_steps_per_epoch,
     unsharded_model,
 )
 from hf_resdecay.training.images import ImageTransform, Normalize, normalization_stats, training_loader
@@ -311,18 +309,11 @@ def main(argv: list[str] | None = None) -> None:
         parameter_groups(model, args.weight_decay), lr=learning_rate, betas=(0.9, 0.95)
     )
     model, optimizer = accelerator.prepare(model, optimizer)
-    if data_args.streaming:
-        steps_per_epoch = stream_steps_per_epoch(train, global_batch, data_args.train_split)
-    else:
-        steps_per_epoch = math.ceil(len(loader) / accumulation)
-        if steps_per_epoch == 0:
-            fail(f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})")
     try:
-        total_steps, warmup_steps = plan_steps(args, steps_per_epoch)
+        plan = plan_schedule(args, train, loader, accumulation, global_batch, data_args.train_split)
     except ValueError as error:
         fail(str(error))
-    epochs = math.ceil(total_steps / steps_per_epoch) if steps_per_epoch else None
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, plan.warmup_steps, plan.total_steps)
     states = {"lr_schedule": scheduler}  # saved in checkpoints as safetensors + JSON, never pickled
 
     if accelerator.is_main_process:
@@ -342,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     coefficients = accelerator.unwrap_model(model, keep_torch_compile=False).shortcut_coefficients
     images = f"{len(train)} training images" if not data_args.streaming else "streamed training images"
     accelerator.print(
-        f"{images}, {total_steps} steps ({epochs or '?'} epochs), global batch {global_batch}, "
+        f"{images}, {plan.total_steps} steps ({plan.epochs or '?'} epochs), global batch {global_batch}, "
         f"lr {learning_rate:.3g}; shortcut_decay={config.shortcut_decay} ({config.shortcut_schedule}), "
         f"alpha_eff={alpha_eff(coefficients):.3g}; "
         f"run {run}"
@@ -368,12 +359,12 @@ def main(argv: list[str] | None = None) -> None:
             tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
 
     loop = TrainingLoop(
-        accelerator, model, optimizer, scheduler, loader, data, args, total_steps, checkpoints, log, LR_FLAG,
-        learning_rate, SCRIPT, train_step, streaming=data_args.streaming, end_of_epoch=end_of_epoch,
+        accelerator, model, optimizer, scheduler, loader, data, args, plan.total_steps, checkpoints, log,
+        LR_FLAG, learning_rate, SCRIPT, train_step, streaming=data_args.streaming, end_of_epoch=end_of_epoch,
         states=states,
     )  # fmt: skip
-    done = loop.run(start_step, position, None if data_args.streaming else steps_per_epoch)
-    epochs = epochs or done.epochs
+    done = loop.run(start_step, position, None if data_args.streaming else plan.steps_per_epoch)
+    epochs = plan.epochs or done.epochs
 
     results: dict = {"final_loss": done.last_loss, "steps": done.step, "epochs": epochs}
     if data_args.skip_bad_images:
@@ -406,8 +397,8 @@ def main(argv: list[str] | None = None) -> None:
         repo_id = args.hub_model_id or output_dir.name
         train_size = len(train) if not data_args.streaming else "streamed"
         card = render_card(
-            final, repo_id, dataset_name, train_size, args, results, learning_rate, warmup_steps, done.step,
-            epochs,
+            final, repo_id, dataset_name, train_size, args, results, learning_rate, plan.warmup_steps,
+            done.step, epochs,
         )  # fmt: skip
         save_card_atomic(card, staging / "README.md")
         write_json_atomic(results, staging / "results.json")

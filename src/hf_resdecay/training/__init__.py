@@ -33,17 +33,17 @@ from .loop import LoopResult, TrainingLoop
 from .publish import publish_directory, push_final_model, push_folder, recover_publish, with_retries
 from .runtime import (
     MetricsLog,
+    SchedulePlan,
     enable_gradient_checkpointing,
     exit_interrupted,
     make_accelerator,
     parameter_groups,
-    plan_steps,
+    plan_schedule,
     resume_command,
     run_settings,
     step_rng,
     step_seed,
     stop_if_diverged,
-    stream_steps_per_epoch,
 )
 
 __all__ = [
@@ -55,6 +55,7 @@ __all__ = [
     "MetricsLog",
     "OutputLocked",
     "RunLock",
+    "SchedulePlan",
     "TrainingLoop",
     "check_checkpoint",
     "checkpoint_dirs",
@@ -71,7 +72,7 @@ __all__ = [
     "make_accelerator",
     "make_ema",
     "parameter_groups",
-    "plan_steps",
+    "plan_schedule",
     "publish_directory",
     "push_final_model",
     "push_folder",
@@ -85,7 +86,6 @@ __all__ = [
     "step_rng",
     "step_seed",
     "stop_if_diverged",
-    "stream_steps_per_epoch",
     "unsharded_model",
     "with_retries",
 ]

@@ -10,6 +10,7 @@ import os
 import shlex
 import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -94,25 +95,45 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
         raise ValueError(f"--gradient_checkpointing: {type(model).__name__} has no gradient checkpointing")
 
 
-def plan_steps(args: CommonTrainingArguments, steps_per_epoch: int | None) -> tuple[int, int]:
-    """``(total_steps, warmup_steps)`` of the lr schedule from the flags and the optimizer steps of an epoch
-    (None for a stream of unknown size, which then needs ``--max_train_steps`` and ``--warmup_steps``)."""
+@dataclass
+class SchedulePlan:
+    """The lengths the lr schedule and the loop use: optimizer steps per epoch (None for a stream of unknown
+    size), total and warmup steps, and the epochs they span (None when unknown)."""
+
+    steps_per_epoch: int | None
+    total_steps: int
+    warmup_steps: int
+    epochs: int | None
+
+
+def plan_schedule(
+    args: CommonTrainingArguments, train, loader, accumulation: int, global_batch: int, split: str = "train"
+) -> SchedulePlan:
+    """The :class:`SchedulePlan` of a run from its flags and data. A map-style ``train`` takes
+    ``ceil(len(loader) / accumulation)`` steps an epoch (Accelerate steps on a last partial accumulation); a
+    stream the size its dataset's metadata records, else none, and then it needs ``--max_train_steps`` and
+    ``--warmup_steps``. Raises ``ValueError`` naming what to change."""
+    if hasattr(train, "__len__"):
+        steps_per_epoch = math.ceil(len(loader) / accumulation)
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"the training set ({len(train)} images) is smaller than one global batch ({global_batch})"
+            )
+    else:
+        splits = getattr(getattr(train, "info", None), "splits", None) or {}
+        count = getattr(splits.get(split), "num_examples", None)
+        steps_per_epoch = count // global_batch if count else None
     if args.max_train_steps is None and not steps_per_epoch:
         raise ValueError("the training data have no known length: give --max_train_steps")
     total = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     if args.warmup_steps is not None:
-        return total, args.warmup_steps
-    if not steps_per_epoch:
+        warmup = args.warmup_steps
+    elif steps_per_epoch:
+        warmup = round(args.warmup_epochs * steps_per_epoch)
+    else:
         raise ValueError("the training data have no known length: give --warmup_steps")
-    return total, round(args.warmup_epochs * steps_per_epoch)
-
-
-def stream_steps_per_epoch(stream, global_batch: int, split: str = "train") -> int | None:
-    """Optimizer steps in one pass over a stream, from the size its dataset's metadata records (None when
-    unknown); a last partial global batch is dropped, as the loaders drop it."""
-    splits = getattr(getattr(stream, "info", None), "splits", None) or {}
-    count = getattr(splits.get(split), "num_examples", None)
-    return count // global_batch if count else None
+    epochs = math.ceil(total / steps_per_epoch) if steps_per_epoch else None
+    return SchedulePlan(steps_per_epoch, total, warmup, epochs)
 
 
 def run_settings(
