@@ -282,13 +282,14 @@ def main(argv: list[str] | None = None) -> None:
         has_labels = False
         accelerator.print("the validation labels hold one class: the kNN monitor is off (no kNN figure)")
     if has_labels:  # fixed random subsets for the kNN monitor (a class-sorted folder would bias a prefix)
-        knn_bank = subset(train, args.knn_train_samples, seed=args.seed) if not data_args.streaming else None
-        knn_queries = subset(validation, args.knn_eval_samples, seed=args.seed)
         if data_args.streaming:  # a stream is read once, for training: bank and queries split validation
             shuffled = validation.shuffle(seed=args.seed)
             queries = min(args.knn_eval_samples, len(shuffled) // 2)
             knn_queries = shuffled.select(range(queries))
             knn_bank = shuffled.select(range(queries, min(len(shuffled), queries + args.knn_train_samples)))
+        else:
+            knn_bank = subset(train, args.knn_train_samples, seed=args.seed)
+            knn_queries = subset(validation, args.knn_eval_samples, seed=args.seed)
     dataset_name = data_args.dataset_name or data_args.train_dir or EMBEDDED_DATASET
     config = model.config
     image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from ..data import EMBEDDED_DATASET, load_image_dataset, subset
+from ..data import EMBEDDED_DATASET, find_image_column, find_label_column, load_image_dataset, subset
 
 if TYPE_CHECKING:
     from transformers import HfArgumentParser
@@ -201,8 +201,6 @@ def load_splits(data_args: DataArguments):
         if name is not None and name not in dataset:
             raise ValueError(f"--validation_split {name!r} is not in the dataset: {sorted(dataset)}")
         validation = dataset[name] if name else None
-    from ..evaluation.features import find_image_column, find_label_column
-
     try:
         image_column = find_image_column(train, data_args.image_column_name)
     except ValueError as error:

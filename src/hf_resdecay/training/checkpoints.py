@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .distributed import is_dtensor, local_tensor
+
 CHECKPOINT_PREFIX = "checkpoint-"
 _PARTIAL = ".partial"
 LOOP_STATE = "loop_state.json"
@@ -31,6 +33,10 @@ _TENSOR = "__tensor__"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed from: incomplete, truncated, unsafe or made for another model."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint holding pickle files: refused, never skipped over, since someone planted or kept them."""
 
 
 def checkpoint_dirs(folder: str | os.PathLike) -> list[Path]:
@@ -66,7 +72,7 @@ def check_checkpoint(path: str | os.PathLike) -> None:
     path = Path(path)
     pickles = sorted(item.relative_to(path).as_posix() for item in path.rglob("*.pkl"))
     if pickles:
-        raise CheckpointError(
+        raise UnsafeCheckpointError(
             f"checkpoint {path} holds pickle files ({', '.join(pickles)}), which could run code when "
             "loaded: they are never unpickled; resume from a checkpoint written by this version"
         )
@@ -94,9 +100,9 @@ def resolve_resume(folder: str | os.PathLike, resume_from: str | None) -> Path |
         for path in reversed(checkpoint_dirs(folder)):
             try:
                 check_checkpoint(path)
+            except UnsafeCheckpointError:
+                raise
             except CheckpointError as error:
-                if "pickle" in str(error):
-                    raise
                 print(f"skipping {path.name}: {error}", flush=True)
                 continue
             return path
@@ -112,8 +118,7 @@ def resolve_resume(folder: str | os.PathLike, resume_from: str | None) -> Path |
 def _split_state(value, tensors: dict[str, torch.Tensor], key: str):
     """``value`` (a state dict) as JSON, its tensors moved into ``tensors`` under their path."""
     if isinstance(value, torch.Tensor):
-        local = value.to_local() if hasattr(value, "to_local") else value
-        tensors[key] = local.detach().cpu().contiguous()
+        tensors[key] = local_tensor(value).detach().cpu().contiguous()
         return {_TENSOR: key}
     if isinstance(value, Mapping):
         return {str(name): _split_state(item, tensors, f"{key}.{name}") for name, item in value.items()}
@@ -131,7 +136,7 @@ def _join_state(value, saved: dict[str, torch.Tensor], current, where: str):
         key = value[_TENSOR]
         if not isinstance(current, torch.Tensor):
             raise CheckpointError(f"checkpoint {where} has a tensor {key} that this run does not have")
-        local = current.to_local() if hasattr(current, "to_local") else current
+        local = local_tensor(current)
         if local.shape != saved[key].shape:
             raise CheckpointError(
                 f"checkpoint {where}: {key} has shape {tuple(saved[key].shape)}, this run "
@@ -159,7 +164,7 @@ def _is_sharded(state) -> bool:
         return any(_is_sharded(item) for item in state.values())
     if isinstance(state, list | tuple):
         return any(_is_sharded(item) for item in state)
-    return hasattr(state, "to_local")
+    return is_dtensor(state)
 
 
 def _tensor_file(name: str, sharded: bool, rank: int) -> str:

@@ -15,20 +15,28 @@ import torch
 from torch import nn
 
 
-def _is_dtensor(tensor: torch.Tensor) -> bool:
+def is_dtensor(value: object) -> bool:
+    """Whether ``value`` is a distributed tensor (a ``DTensor``: one slice per process under FSDP2)."""
+    if not torch.distributed.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
-    return isinstance(tensor, DTensor)
+    return isinstance(value, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor as this process holds it: the local slice of a ``DTensor``, else the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
 def is_sharded(model: nn.Module) -> bool:
     """Whether any parameter of ``model`` is a slice of a distributed tensor (FSDP2's ``fully_shard``)."""
-    return torch.distributed.is_available() and any(_is_dtensor(p) for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
 
 
 def local_tensors(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Each tensor as this process holds it: the local slice of a ``DTensor``, else the tensor itself."""
-    return [tensor.to_local() if _is_dtensor(tensor) else tensor for tensor in tensors]
+    """Each tensor as this process holds it (:func:`local_tensor`)."""
+    return [local_tensor(tensor) for tensor in tensors]
 
 
 def full_state_dict(accelerator, model: nn.Module) -> dict[str, torch.Tensor] | None:

@@ -175,7 +175,7 @@ def step_seed(seed: int, *indices: int) -> int:
 def step_rng(seed: int, *indices: int, device: torch.device | str = "cpu") -> Iterator[torch.Generator]:
     """Run a block with torch's global RNG seeded from ``(seed, *indices)``, restoring it afterwards.
 
-    Libraries that draw from the global RNG (kornia's augmentations, dropout) become deterministic per
+    Code that draws from the global RNG (ViTMAE's random masking, dropout) becomes deterministic per
     step; the yielded generator, on ``device``, serves code that takes one explicitly (noise drawn where
     the model runs, never copied from the CPU).
     """
