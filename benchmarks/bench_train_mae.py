@@ -30,7 +30,7 @@ from accelerate import Accelerator
 from datasets import Dataset, Features, Image
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
 
-from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining
+from hf_resdecay import ViTMAEDecayForPreTraining
 from hf_resdecay.training import MetricsLog, TrainingLoop, parameter_groups
 from hf_resdecay.training.images import ImageTransform, Normalize, TrainImages, normalization_stats
 
@@ -77,11 +77,8 @@ def main() -> None:
     parser.add_argument("--torch_compile", action="store_true", help="add the compiled script loop")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    defaults = _script().ModelArguments()
-    fields = ("image_size", "patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
-    fields += ("intermediate_size", "decoder_hidden_size", "decoder_num_hidden_layers")
-    fields += ("decoder_num_attention_heads", "decoder_intermediate_size", "mask_ratio", "norm_pix_loss")
-    config = ViTMAEDecayConfig(**{name: getattr(defaults, name) for name in fields})
+    script = _script()  # the model a bare `train_mae.py` builds (its default recipe)
+    config = script.build_model(script.parse_arguments(["--output_dir", "unused"])[0]).config
     size = config.image_size
     data = TrainImages(_images(args.batch_size * args.steps, size), "image", ImageTransform(size, 3))
     normalize = Normalize(*normalization_stats(3))

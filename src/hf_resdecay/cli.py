@@ -162,6 +162,7 @@ def run_convert(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run the command; a ``ValueError`` becomes one ``error:`` line and status 2."""
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what ``--num-processes`` launches again
     try:
         return args.handler(args)
     except ValueError as error:  # bad input found after parsing: say it plainly, no traceback

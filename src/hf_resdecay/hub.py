@@ -8,6 +8,7 @@ the same metric on the same dataset split instead of piling duplicates up.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -17,6 +18,33 @@ from .atomic import atomic_write
 
 TASK_TYPE = "image-classification"
 GENERATION_TASK_TYPE = "unconditional-image-generation"
+FEATURE_EXTRACTION_TAG = "image-feature-extraction"
+"""The ``pipeline_tag`` of a pretrained MAE: its encoder serves transformers' ``image-feature-extraction``."""
+
+DEFAULT_LICENSE = "apache-2.0"
+"""The licence a training script writes into its card unless ``--license`` names another: the package's."""
+
+_LICENSE_ID = re.compile(r"[a-z0-9][a-z0-9.+-]*")
+
+
+def check_license(license: str) -> None:
+    """Raise ``ValueError`` naming ``--license`` unless it is written as a Hub licence identifier (lower
+    case, e.g. ``apache-2.0``, ``mit``, ``cc-by-nc-4.0``, or ``other``): the Hub rejects an upload whose card
+    metadata holds anything else, which would come to light only at the end of a training run."""
+    if not _LICENSE_ID.fullmatch(license):
+        raise ValueError(
+            "--license must be a Hub licence identifier (lower case, e.g. apache-2.0, mit, cc-by-4.0, "
+            f"other; see https://huggingface.co/docs/hub/repositories-licenses); got {license!r}"
+        )
+
+
+def card_model_id(output_dir: str | os.PathLike, hub_model_id: str | None, push_to_hub: bool) -> str:
+    """What a training card's "How to load" passes to ``from_pretrained``: the Hub repo id when the run
+    pushes there, else the output folder's absolute path, which loads from any working directory (the folder
+    name alone is neither a Hub id nor a path that loads; a relative path only from where the run started)."""
+    if push_to_hub and hub_model_id:
+        return hub_model_id
+    return str(Path(output_dir).expanduser().resolve())
 
 
 def results_to_eval_results(results: dict, dataset_name: str, dataset_split: str) -> list[EvalResult]:

@@ -84,8 +84,23 @@ def test_align_hub_model_on_the_default_dataset(mnist_model, tmp_path, capsys):
     assert report["settings"]["revision"] == "main"
     assert report["settings"]["dtype"] == "float32" and report["neural_collapse"] is not None
     assert all(block["alpha"] < 1 for block in report["blocks"][1:])  # decayed shortcuts subtracted
-    for name in names:
-        assert name in printed
+    # Per sublayer, as the model card lists them; the block's identity part is their product.
+    card_schedule = mnist_model.shortcut_coefficients
+    header = next(line for line in printed.splitlines() if line.startswith("block"))
+    assert header.split() == ["block", "alpha_attn", "alpha_mlp", "alpha_block", "s1", "rank", "|<u1,v1>|"]
+    for index, (name, block) in enumerate(zip(names, report["blocks"], strict=True)):
+        attention, mlp = card_schedule[2 * index], card_schedule[2 * index + 1]
+        assert block["sublayer_alphas"] == pytest.approx([attention, mlp])
+        assert block["alpha"] == pytest.approx(attention * mlp)
+        row = next(line for line in printed.splitlines() if line.startswith(name)).split()
+        assert row[1:4] == [f"{attention:.3f}", f"{mlp:.3f}", f"{attention * mlp:.3f}"]
+    # Two samples of two classes: NC1 has no within-class variability to measure, and says so.
+    assert report["neural_collapse"]["nc1"] is None and report["summary"]["nc1"] is None
+    assert report["notes"] == [
+        "NC1 is undefined: 2 of 2 classes have a single sample, and within-class variability needs at least "
+        "2 per class; analyse more samples"
+    ]
+    assert f"note: {report['notes'][0]}" in printed and "NC1 -" in printed
     assert str(out / "report.json") in printed and str(out / "alignment.png") in printed
 
     # The same numbers from the library on pixels built here by hand: (x / 255 - 0.5) / 0.5, one channel.

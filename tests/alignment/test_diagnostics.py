@@ -1,5 +1,6 @@
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -155,6 +156,39 @@ def test_neural_collapse_by_hand():
     assert math.isnan(collapsed["nc1"])
     with pytest.raises(ValueError, match="at least two classes"):
         neural_collapse(features, torch.zeros(4))
+
+
+def test_nc1_from_single_sample_classes_warns_and_is_not_zero():
+    features = torch.randn(5, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with pytest.warns(UserWarning, match="NC1 is undefined: 3 of 3 classes have a single sample"):
+        one_each = neural_collapse(features[:3], torch.tensor([0, 1, 2]))
+    assert math.isnan(one_each["nc1"]) and one_each["min_samples_per_class"] == 1  # the formula gives 0
+
+    labels = torch.tensor([0, 0, 1, 1, 2])  # class 2 alone: its spread is missing from Sigma_W
+    with pytest.warns(UserWarning, match=r"NC1 is unreliable \(biased towards 0\): 1 of 3 classes"):
+        some = neural_collapse(features, labels)
+    assert math.isfinite(some["nc1"]) and some["min_samples_per_class"] == 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # two samples in every class: no warning
+        enough = neural_collapse(features[:4], labels[:4])
+    assert math.isfinite(enough["nc1"]) and enough["min_samples_per_class"] == 2
+
+
+def test_report_notes_nc1_from_single_sample_classes(tmp_path):
+    model = LinearResNet(_matrices(shared=True))
+    x, _ = _inputs(3)
+    with pytest.warns(UserWarning, match="NC1 is undefined"):
+        report = analyze(model, x, torch.tensor([0, 1, 2]), blocks=list(model.blocks), top_k=3)
+    assert report.notes == [
+        "NC1 is undefined: 3 of 3 classes have a single sample, and within-class variability needs at least "
+        "2 per class; analyse more samples"
+    ]
+    data = json.loads(report.save_json(tmp_path / "report.json").read_text())
+    assert data["notes"] == report.notes and data["summary"]["nc1"] is None
+    assert AlignmentReport.load_json(tmp_path / "report.json").notes == report.notes
+    x, labels = _inputs(6)
+    assert analyze(model, x, labels, blocks=list(model.blocks), top_k=3).notes == []
 
 
 def test_depth_scaling_recovers_inverse_depth():

@@ -11,6 +11,7 @@ from hf_resdecay.alignment import (
     plot_depth_scaling,
     plot_report,
 )
+from hf_resdecay.alignment.plots import _trajectory_figure
 
 from .helpers import LinearResNet, mlp_block
 
@@ -64,3 +65,26 @@ def test_plot_depth_scaling(tmp_path):
     with pytest.raises(ValueError, match="at least 2 different depths"):
         plot_depth_scaling([reports[0], _report(2, seed=5)], tmp_path / "never.png")
     assert not (tmp_path / "never.png").exists()
+
+
+def _legend_texts(axis) -> list[str]:
+    legend = axis.get_legend()
+    assert legend is not None, axis.get_title()
+    return [text.get_text() for text in legend.get_texts()]
+
+
+def test_trajectory_figure_has_legends_for_marks_and_classes():
+    own, shared = _trajectory_figure(_report(3)).axes[:2]  # labels 0, 1, 2
+    assert _legend_texts(own) == ["path h_0 -> h_L", "block outputs (colour: depth)"]
+    assert _legend_texts(shared) == ["h_0 (input)", "h_L (last block)", "class 0", "class 1", "class 2"]
+    legend_colours = [line.get_color() for line in shared.get_legend().get_lines()[2:]]
+    path_colours = {tuple(line.get_color()) for line in shared.get_lines()[::3]}  # one path line per sample
+    assert {tuple(colour) for colour in legend_colours} == path_colours  # the legend's colours are the paths'
+
+    unlabelled = _trajectory_figure(_report(3, labels=False)).axes[1]
+    assert _legend_texts(unlabelled)[2:] == ["sample path (no labels)"]
+
+    many = _report(2)
+    many.labels = list(range(12))
+    many.trajectory_pca = many.trajectory_pca * 2
+    assert _legend_texts(_trajectory_figure(many).axes[1])[2:] == ["colour: class (12 classes)"]

@@ -90,3 +90,41 @@ def test_bad_input(clusters):
         knn_predict(train, train_labels, test, temperature=0)
     with pytest.raises(ValueError, match="must be 2-D"):
         knn_predict(train[0], train_labels, test)
+
+
+def test_a_streamed_memory_mapped_bank_gives_the_one_block_scores(clusters, tmp_path):
+    """A bank read in blocks of k rows (a running top-k merged block by block) from a read-only memory map."""
+    train, train_labels, test, _ = clusters
+    np.save(tmp_path / "bank.npy", train)
+    mapped = np.load(tmp_path / "bank.npy", mmap_mode="r")
+    whole, classes = knn_scores(train, train_labels, test, device="cpu")
+    for bank_bytes in (20 * 24 * 4, 7 * 24 * 4 * 20):  # 20 rows a block (= k), then 140
+        streamed, same = knn_scores(mapped, train_labels, test, device="cpu", bank_bytes=bank_bytes)
+        np.testing.assert_allclose(streamed.numpy(), whole.numpy(), rtol=1e-5)
+        assert torch.equal(same, classes)
+    expected, _ = _brute_force(train, train_labels, test, 20, 0.07)
+    np.testing.assert_array_equal(knn_predict(mapped, train_labels, test, bank_bytes=2000).numpy(), expected)
+    bad = train.copy()
+    bad[[5, 590], 0] = np.inf
+    with pytest.raises(ValueError, match="train_features holds NaN or inf values in 2 of 600"):
+        knn_predict(bad, train_labels, test, bank_bytes=2000)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_similarities_give_the_float32_predictions(clusters, dtype):
+    """Neighbours chosen from half-precision similarities, their votes weighed in float32: the predictions
+    of the float32 path and of scikit-learn, the votes within float32 rounding."""
+    train, train_labels, test, test_labels = clusters
+    normalise = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    reference = KNeighborsClassifier(
+        n_neighbors=20, algorithm="brute", metric="cosine", weights=lambda d: np.exp((1 - d) / 0.07)
+    ).fit(normalise(train), train_labels)
+    full, _ = knn_scores(train, train_labels, test)
+    half, _ = knn_scores(train, train_labels, test, device="cpu", dtype=dtype, bank_bytes=20_000)
+    np.testing.assert_array_equal(
+        knn_predict(train, train_labels, test, dtype=dtype).numpy(), reference.predict(normalise(test))
+    )
+    np.testing.assert_allclose(half.numpy(), full.numpy(), rtol=1e-4)
+    assert knn_accuracy(train, train_labels, test, test_labels, dtype=dtype) == knn_accuracy(
+        train, train_labels, test, test_labels
+    )

@@ -50,3 +50,15 @@ def test_bad_input(digits_split):
         linear_probe(x_train, np.zeros_like(y_train), x_test, y_test)
     with pytest.raises(ValueError, match="same feature dimension"):
         linear_probe(x_train, y_train, x_test[:, :10], y_test)
+
+
+def test_device_and_chunked_accuracies(digits_split, monkeypatch):
+    """The explicit CPU device is the default's result; accuracies scored 7 samples at a time are the same."""
+    import importlib
+
+    module = importlib.import_module("hf_resdecay.evaluation.linear_probe")
+    x_train, x_test, y_train, y_test = digits_split
+    default = linear_probe(x_train, y_train, x_test, y_test, epochs=5)
+    assert linear_probe(x_train, y_train, x_test, y_test, epochs=5, device="cpu") == default
+    monkeypatch.setattr(module, "EVAL_CHUNK", 7)
+    assert linear_probe(x_train, y_train, x_test, y_test, epochs=5, device="cpu") == default

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from transformers import HfArgumentParser
 
 from hf_resdecay import alpha_eff, shortcut_coefficients
 
@@ -34,9 +33,8 @@ def _model_for(variant: str):
     """The model ``train_mae.py`` builds from a variant's flags (default sizes), without training it."""
     script = _load(ROOT / "training_scripts" / "train_mae.py")
     flags = ["--output_dir", "unused", *_experiment().VARIANTS[variant]]
-    parser = HfArgumentParser((script.ModelArguments, script.DataArguments, script.TrainingArguments))
-    model_args, _, _ = parser.parse_args_into_dataclasses(args=flags)
-    return script.build_model(model_args, set())
+    model_args, _, _ = script.parse_arguments(flags)
+    return script.build_model(model_args)
 
 
 @pytest.mark.parametrize(("variant", "vit_b_decay"), [("decay_0.53", 0.3), ("decay_0.68", 0.4)])

@@ -27,19 +27,25 @@ def setup(digits_dataset, tmp_path):
     return model, digits_dataset["test"].select(range(30)), options, tmp_path / "cache"
 
 
-def _forge(path, features: dict, labels: np.ndarray) -> None:
-    """A well-formed cache file whose features are the one-hot labels: a perfect but fake kNN score."""
-    one_hot = np.eye(10, dtype=np.float32)[labels]
-    meta = np.frombuffer(json.dumps({"pooling": "mean"}).encode(), dtype=np.uint8)
-    np.savez(path, labels=labels, meta=meta, **{f"layer_{layer}": one_hot for layer in features})
+def _forge(entry) -> None:
+    """Replace every layer file of a cache entry by a well-formed one holding the one-hot labels: a perfect
+    but fake kNN score."""
+    labels = np.load(entry / "labels.npy")
+    for layer in entry.glob("layer_*.npy"):
+        np.save(layer, np.eye(10, dtype=np.float32)[labels])
+
+
+def _entry(cache):
+    (entry,) = [path for path in cache.iterdir() if path.is_dir()]
+    return entry
 
 
 def test_forged_entry_is_recomputed_and_the_cache_heals(setup, caplog):
     model, data, options, cache = setup
     first = extract_features(model, data, **options)
-    (entry,) = cache.glob("*.npz")
+    entry = _entry(cache)
     assert not first.from_cache
-    _forge(entry, first.features, first.labels)
+    _forge(entry)
     with caplog.at_level(logging.WARNING, logger="hf_resdecay"):
         second = extract_features(model, data, **options)
     assert not second.from_cache
@@ -54,7 +60,7 @@ def test_forged_entry_is_recomputed_and_the_cache_heals(setup, caplog):
 def test_truncated_entry_is_recomputed_and_no_cache_replaces_it(setup, caplog):
     model, data, options, cache = setup
     first = extract_features(model, data, **options)
-    (entry,) = cache.glob("*.npz")
+    entry = _entry(cache) / "layer_2.npy"
     good = entry.read_bytes()
     entry.write_bytes(good[: len(good) // 2])
     with caplog.at_level(logging.WARNING, logger="hf_resdecay"):
@@ -91,13 +97,9 @@ def test_results_json_records_whether_features_came_from_the_cache(setup, tmp_pa
     second = run()
     assert second["features_from_cache"] == {"train": True, "test": True}
     assert second["knn"] == first["knn"]
-    for entry in (tmp_path / "home" / "features").glob("*.npz"):
-        with np.load(entry) as stored:
-            _forge(
-                entry,
-                {int(name[6:]): None for name in stored.files if name.startswith("layer_")},
-                stored["labels"],
-            )
+    for entry in (tmp_path / "home" / "features").iterdir():
+        if entry.is_dir():
+            _forge(entry)
     forged = run()
     assert forged["features_from_cache"] == {"train": False, "test": False} and forged["knn"] == first["knn"]
     assert run("--no-cache")["features_from_cache"] == {"train": False, "test": False}

@@ -40,6 +40,7 @@ def test_unet_ddpm_trains_saves_a_pipeline_and_pushes(hub_server, tmp_path):
         assert grid.size == (32, 32) and grid.mode == "L"  # 2 x 2 grid of 16 px grayscale samples
 
     card = ModelCard.load("org/unet-decay")
+    assert 'snapshot_download("org/unet-decay")' in card.text  # "How to load": the Hub id
     assert "UNet2DDecayModel" in card.text and "alpha_eff" in card.text
     check = (
         "import torch; from hf_resdecay.pipelines import load_pipeline; "
@@ -108,8 +109,8 @@ def test_non_finite_loss_stops_and_keeps_the_previous_model(tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--model", "vae"], "--model must be one of unet, dit; got 'vae'"),
-        (["--objective", "edm"], "--objective must be one of ddpm, flow; got 'edm'"),
+        (["--model", "vae"], "--model: invalid choice: 'vae'"),
+        (["--objective", "edm"], "--objective: invalid choice: 'edm'"),
         (["--shortcut_decay", "1.0"], "--shortcut_decay must be in [0, 1)"),
         (["--model", "dit", "--patch_size", "5"], "--image_size 16 must be divisible by --patch_size 5"),
         (["--ema_decay", "1.5"], "--ema_decay must be in (0, 1)"),

@@ -40,7 +40,7 @@ from .jacobian import (
     jacobian_rmatvec,
     residual_jacobian_svd,
 )
-from .metrics import neural_collapse, numerical_rank, trajectory_stats
+from .metrics import neural_collapse, numerical_rank, single_sample_note, trajectory_stats
 from .report import AlignmentReport, BlockStats
 
 __all__ = ["analyze"]
@@ -197,9 +197,12 @@ def analyze(
         ra1[key] = _nanmean(values)
         ra1[f"{key}_per_sample"] = values
     shared = _pca_2d(points.reshape(-1, points.shape[-1])).reshape(num_samples, points.shape[1], 2)
-    nc = None
+    nc, notes = None, []
     if label_tensor is not None:
         nc = neural_collapse(_pooled_features(captures[-1].output), label_tensor, classifier)
+        note = single_sample_note(label_tensor)
+        if note is not None:
+            notes.append(note)
     name = model_name or getattr(getattr(model, "config", None), "name_or_path", None) or type(model).__name__
     return AlignmentReport(
         model=str(name),
@@ -226,6 +229,7 @@ def analyze(
         labels=None if label_tensor is None else label_tensor.tolist(),
         trajectory_pca=shared.tolist(),
         sample_trajectory_pca=_pca_2d(points[0]).tolist(),
+        notes=notes,
     )
 
 
@@ -374,6 +378,7 @@ def _block_stats(block: ResidualBlock, capture: BlockCapture, samples: list[dict
         family=block.family,
         kind=block.kind,
         alpha=block.alpha,
+        sublayer_alphas=list(block.sublayer_alphas),
         dim=capture.input[0].numel(),
         method=samples[0]["method"],
         singular_values=values.mean(0).tolist(),

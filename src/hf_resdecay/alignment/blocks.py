@@ -59,6 +59,9 @@ class ResidualBlock:
     """Coefficient of the identity part of the whole block (``a1 * a2`` for a decayed ViTMAE block)."""
     family: str = "custom"
     """Readable origin, e.g. ``"ViTMAEDecayLayer"``, for reports."""
+    sublayer_alphas: tuple[float, ...] = ()
+    """Shortcut coefficients of the block's sublayers in forward order (attention, MLP) where it has its own
+    (the per-sublayer schedule a model card lists; ``alpha`` is their product); empty otherwise."""
 
     def branch(
         self,
@@ -204,20 +207,20 @@ def _is_diffusers_resnet_block(module: nn.Module) -> bool:
     )
 
 
-def _decay_alpha(module: nn.Module) -> float | None:
-    """``attention_alpha * mlp_alpha`` for a block with decayed sublayers, else ``None``."""
+def _sublayer_alphas(module: nn.Module) -> tuple[float, float] | None:
+    """``(attention_alpha, mlp_alpha)`` of a block with decayed sublayers, else ``None``."""
     first, second = getattr(module, "attention_alpha", None), getattr(module, "mlp_alpha", None)
     if isinstance(first, numbers.Real) and isinstance(second, numbers.Real):
-        return float(first) * float(second)
+        return float(first), float(second)
     return None
 
 
 def _classify(name: str, module: nn.Module) -> ResidualBlock | SkippedBlock | None:
     """The block description of ``module``, a :class:`SkippedBlock`, or ``None`` when it is no block."""
     family = type(module).__name__
-    decay = _decay_alpha(module)
-    if decay is not None:
-        return ResidualBlock(name, module, "transformer", decay, family)
+    sublayers = _sublayer_alphas(module)
+    if sublayers is not None:
+        return ResidualBlock(name, module, "transformer", sublayers[0] * sublayers[1], family, sublayers)
     if _is_diffusers_resnet_block(module):
         if getattr(module, "conv_shortcut", None) is not None:
             return SkippedBlock(name, family, "projection shortcut (conv_shortcut changes the channels)")

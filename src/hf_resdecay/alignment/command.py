@@ -13,6 +13,7 @@ with the paths of ``report.json`` and the PNG plots.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch import nn
 
 from ..data import find_image_column, find_label_column
 from ..evaluation._checks import integer_at_least
+from ..evaluation._runtime import as_device
 from ..evaluation.features import default_image_processor, load_encoder, load_model
 from .analysis import analyze
 from .jacobian import METHODS, check_integer
@@ -41,6 +43,15 @@ def _take(inputs: Any, count: int, batch: int) -> Any:
         return inputs[:count] if inputs.ndim >= 1 and inputs.shape[0] == batch else inputs
     if isinstance(inputs, Mapping):
         return {key: _take(value, count, batch) for key, value in inputs.items()}
+    return inputs
+
+
+def _to_device(inputs: Any, device: torch.device) -> Any:
+    """``inputs`` with every tensor (also inside a mapping) moved to ``device``."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(device)
+    if isinstance(inputs, Mapping):
+        return {key: _to_device(value, device) for key, value in inputs.items()}
     return inputs
 
 
@@ -69,6 +80,7 @@ def run_alignment(
     trust_remote_code: bool = False,
     progress: bool | Any = True,
     metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
     **analyze_kwargs: Any,
 ) -> AlignmentReport:
     """Analyse a model (object, Hub id or local folder) and write ``report.json`` and PNG plots.
@@ -85,6 +97,8 @@ def run_alignment(
         trust_remote_code: passed to ``from_pretrained`` when loading by id (off by default).
         progress: tqdm bar over (block, sample) pairs.
         metadata: extra JSON-ready entries recorded in ``report.settings`` (e.g. the dataset and split).
+        device: where the Jacobian products run; the model and ``inputs`` are moved there (``"auto"``: CUDA
+            when available; None: where the model is).
         analyze_kwargs: any other :func:`analyze` argument (``num_classes``, ``power_iters``, ``dtype``, ...).
     """
     samples = check_integer("samples", samples)
@@ -92,6 +106,10 @@ def run_alignment(
     if not isinstance(model, nn.Module):
         analyze_kwargs.setdefault("model_name", str(model_or_id))
         model = load_model(model_or_id, trust_remote_code=trust_remote_code)
+    target = as_device(device)
+    if target is not None:
+        model = model.to(target)
+        inputs = _to_device(inputs, target)
     batch = _batch_size(inputs)
     count = min(samples, batch)
     selected = _take(inputs, count, batch)
@@ -99,7 +117,7 @@ def run_alignment(
         labels = torch.as_tensor(labels).reshape(-1)
         if labels.shape[0] != batch:
             raise ValueError(f"labels must hold one label per input sample ({batch}); got {labels.shape[0]}")
-        labels = labels[:count]
+        labels = labels[:count] if target is None else labels[:count].to(target)  # beside the features
     report = analyze(model, selected, labels, top_k, progress=progress, **analyze_kwargs)
     report.settings.update(metadata or {})
     output_dir = Path(output_dir)
@@ -150,6 +168,11 @@ def add_align_command(commands: argparse._SubParsersAction) -> None:
         choices=DTYPES,
         default="float32",
         help="precision of the Jacobian products (default: float32)",
+    )
+    align.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (CUDA when available, the default), 'cpu', 'cuda' or 'cuda:N'",
     )
     align.add_argument(
         "--num-classes",
@@ -270,19 +293,23 @@ def _load_inputs(args: argparse.Namespace, model: Any, processor: Any) -> tuple[
 
 
 def _format(value: float | None, spec: str = ".3g") -> str:
-    return "-" if value is None else format(value, spec)
+    return "-" if value is None or math.isnan(value) else format(value, spec)  # not measured or undefined
 
 
 def _print_summary(report: AlignmentReport, output: Path) -> None:
     """One row per block, the headline RA/NC numbers and the paths written, on stdout."""
-    rows = [("block", "alpha", "s1", "rank", "|<u1,v1>|")]
+    sublayers = any(block.sublayer_alphas for block in report.blocks)
+    alphas = ("alpha_attn", "alpha_mlp", "alpha_block") if sublayers else ("alpha",)
+    rows = [("block", *alphas, "s1", "rank", "|<u1,v1>|")]
     saturated = False
     for block in report.blocks:
         mark = "*" if block.rank_saturated > 0 else ""
         saturated = saturated or bool(mark)
+        own = [f"{alpha:.3f}" for alpha in block.sublayer_alphas] or ["-", "-"]
         rows.append(
             (
                 block.name,
+                *(own if sublayers else []),
                 f"{block.alpha:.3f}",
                 f"{block.s1:.4g}",
                 f"{block.numerical_rank:.1f}{mark}",
@@ -299,6 +326,11 @@ def _print_summary(report: AlignmentReport, output: Path) -> None:
             cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
         ]
         print("  ".join(cells))
+    if sublayers:
+        print(
+            "alpha_attn, alpha_mlp: the shortcut coefficients of each sublayer (the model card's schedule); "
+            "alpha_block: their product, the identity part taken out of the block to get its branch"
+        )
     if saturated:
         print(f"* rank reached top-k = {report.top_k} in some samples: the true rank may be higher")
     summary = report.summary()
@@ -311,12 +343,15 @@ def _print_summary(report: AlignmentReport, output: Path) -> None:
         f"RA3 top-C energy {_format(summary['ra3_energy_top_c'])}; "
         f"NC1 {_format(summary['nc1'])}"
     )
+    for note in report.notes:
+        print(f"note: {note}")
     print(f"report: {output / 'report.json'}")
     print(f"plots: {', '.join(str(output / name) for name in REPORT_PLOTS)}")
 
 
 def run_align(args: argparse.Namespace) -> int:
     """Handler of ``hf-resdecay align``: load, preprocess, analyse, write and print; returns 0."""
+    device = as_device(args.device, "--device")
     model, processor = load_encoder(args.model, args.revision)
     pixel_values, labels, num_classes, metadata = _load_inputs(args, model, processor)
     wanted = getattr(torch, args.dtype)
@@ -331,6 +366,7 @@ def run_align(args: argparse.Namespace) -> int:
         output_dir=args.output,
         progress=not args.no_progress,
         metadata=metadata,
+        device=device,
         model_name=str(args.model),
         num_classes=num_classes,
         power_iters=args.power_iters,

@@ -6,6 +6,7 @@ Each function reads its inputs and returns numbers: no model, hooks or Jacobians
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,7 +14,14 @@ from torch import nn
 
 from .report import AlignmentReport, DepthScaling
 
-__all__ = ["depth_scaling", "line_shape", "neural_collapse", "numerical_rank", "trajectory_stats"]
+__all__ = [
+    "depth_scaling",
+    "line_shape",
+    "neural_collapse",
+    "numerical_rank",
+    "single_sample_note",
+    "trajectory_stats",
+]
 
 
 def numerical_rank(singular_values: torch.Tensor, threshold: float) -> int:
@@ -53,6 +61,21 @@ def trajectory_stats(points: torch.Tensor) -> dict[str, float]:
     return {"line_shape": line_shape(points), "step_cv": step_cv, "pc1_share": pc1}
 
 
+def single_sample_note(labels: torch.Tensor | Sequence[int]) -> str | None:
+    """Why NC1 of samples with these ``labels`` cannot be trusted, or ``None`` when every class has at least
+    two: a class with a single sample shows no within-class variability, so NC1 is undefined when all
+    classes have one and biased towards 0 when some have."""
+    counts = torch.unique(torch.as_tensor(labels).reshape(-1), return_counts=True)[1]
+    single = int((counts < 2).sum())
+    if single == 0:
+        return None
+    verdict = "undefined" if single == counts.numel() else "unreliable (biased towards 0)"
+    return (
+        f"NC1 is {verdict}: {single} of {counts.numel()} classes have a single sample, and within-class "
+        "variability needs at least 2 per class; analyse more samples"
+    )
+
+
 def neural_collapse(
     features: torch.Tensor,
     labels: torch.Tensor,
@@ -61,6 +84,9 @@ def neural_collapse(
     """NC1-NC4 of ``features`` (``(N, d)``) with integer ``labels`` (``(N,)``, at least two classes).
 
     - ``nc1``: ``tr(Sigma_W Sigma_B^+) / C``, within-class variability relative to between-class (-> 0).
+      A class needs two samples to show any variability: with one sample in every class NC1 is undefined
+      (NaN, not the 0 the formula gives), with one in some classes it is biased low; both warn, and
+      ``min_samples_per_class`` records the smallest class.
     - ``nc2_equinorm``: std / mean of the centred class-mean norms (-> 0); ``nc2_equiangular``: mean of
       ``|cos(mu_c, mu_c') + 1 / (C - 1)|`` over class pairs (-> 0 for a simplex equiangular tight frame).
     - ``nc3_self_duality``: ``|| W / ||W|| - M / ||M|| ||_F`` between the classifier weights and the centred
@@ -77,6 +103,10 @@ def neural_collapse(
     classes = torch.unique(labels)
     if classes.numel() < 2:
         raise ValueError("labels must contain at least two classes for neural-collapse metrics")
+    counts = torch.stack([(labels == c).sum() for c in classes])
+    note = single_sample_note(labels)
+    if note is not None:
+        warnings.warn(note, UserWarning, stacklevel=2)
     global_mean = features.mean(0)
     means = torch.stack([features[labels == c].mean(0) for c in classes])
     centred = means - global_mean
@@ -86,7 +116,9 @@ def neural_collapse(
         within += diff.T @ diff
     within /= features.shape[0]
     between = centred.T @ centred / classes.numel()
-    if float(torch.trace(between)) <= 1e-12 * max(float(torch.trace(within)), 1e-300):
+    if int(counts.max()) < 2:
+        nc1 = float("nan")  # no class with two samples: no within-class variability to measure
+    elif float(torch.trace(between)) <= 1e-12 * max(float(torch.trace(within)), 1e-300):
         nc1 = float("nan")  # class means coincide (e.g. collapsed features): undefined, not 0
     else:
         nc1 = float(torch.trace(within @ torch.linalg.pinv(between, hermitian=True)) / classes.numel())
@@ -97,6 +129,7 @@ def neural_collapse(
     pair_cos = cosines[upper[0], upper[1]]
     result: dict[str, float | None] = {
         "num_classes": int(classes.numel()),
+        "min_samples_per_class": int(counts.min()),
         "nc1": nc1,
         "nc2_equinorm": float(norms.std(unbiased=False) / norms.mean()),
         "nc2_equiangular": float((pair_cos + 1.0 / (classes.numel() - 1)).abs().mean()),

@@ -106,17 +106,30 @@ def plot_alignment(report: AlignmentReport, path: str | os.PathLike) -> Path:
 
 def plot_trajectory(report: AlignmentReport, path: str | os.PathLike) -> Path:
     """RA1: one sample's path ``h_0 .. h_L`` in its own 2-D PCA, and all samples in a shared PCA."""
+    return save_figure_atomic(_trajectory_figure(report), path)
+
+
+_MAX_CLASS_ENTRIES = 10
+"""Classes named one by one in the trajectory legend; beyond, one entry says the colour is the class."""
+
+
+def _trajectory_figure(report: AlignmentReport) -> Any:
+    """The figure of :func:`plot_trajectory`; each panel has a legend saying what its marks are."""
     from matplotlib import cm, colors
+    from matplotlib.lines import Line2D
 
     figure, (own, shared) = new_figure((13, 5.2), 1, 2)
     points = report.sample_trajectory_pca
     if points:
         xs, ys = [p[0] for p in points], [p[1] for p in points]
-        own.plot(xs, ys, "-", color="grey", linewidth=1)
-        scatter = own.scatter(xs, ys, c=range(len(points)), cmap="viridis", zorder=3)
+        own.plot(xs, ys, "-", color="grey", linewidth=1, label="path h_0 -> h_L")
+        scatter = own.scatter(
+            xs, ys, c=range(len(points)), cmap="viridis", zorder=3, label="block outputs (colour: depth)"
+        )
         own.annotate("h_0", (xs[0], ys[0]), textcoords="offset points", xytext=(5, 5))
         own.annotate(f"h_{len(points) - 1}", (xs[-1], ys[-1]), textcoords="offset points", xytext=(5, 5))
         figure.colorbar(scatter, ax=own, label="depth (block output index)")
+        own.legend(loc="best", fontsize=8)
     own.set_title(f"sample 0, line shape {report.ra1['line_shape_per_sample'][0]:.3f} (1 = straight)")
     own.set_xlabel("PC 1")
     own.set_ylabel("PC 2")
@@ -129,9 +142,19 @@ def plot_trajectory(report: AlignmentReport, path: str | os.PathLike) -> Path:
         shared.plot(xs, ys, "-", color=color, linewidth=0.8, alpha=0.8)
         shared.plot(xs[-1:], ys[-1:], "o", color=color, markersize=3)
         shared.plot(xs[:1], ys[:1], "x", color="black", markersize=3)
-    shared.set_title(
-        f"all {report.num_samples} samples (x: h_0, o: h_L" + (", colour: class)" if report.labels else ")")
-    )
+    handles = [
+        Line2D([], [], marker="x", color="black", linestyle="none", markersize=5, label="h_0 (input)"),
+        Line2D([], [], marker="o", color="grey", linestyle="none", markersize=4, label="h_L (last block)"),
+    ]
+    classes = sorted(set(report.labels or []))
+    if report.labels and len(classes) <= _MAX_CLASS_ENTRIES:
+        handles += [Line2D([], [], color=cm.tab10(label_norm(c)), label=f"class {c}") for c in classes]
+    elif report.labels:
+        handles.append(Line2D([], [], color="grey", label=f"colour: class ({len(classes)} classes)"))
+    else:
+        handles.append(Line2D([], [], color="tab:blue", label="sample path (no labels)"))
+    shared.legend(handles=handles, loc="best", fontsize=8, ncol=2 if len(handles) > 6 else 1)
+    shared.set_title(f"all {report.num_samples} samples")
     shared.set_xlabel("PC 1 (shared)")
     shared.set_ylabel("PC 2 (shared)")
     segment = report.ra1.get("segment", ["", ""])
@@ -140,7 +163,7 @@ def plot_trajectory(report: AlignmentReport, path: str | os.PathLike) -> Path:
         f"mean line shape {report.ra1.get('line_shape', math.nan):.3f}, "
         f"PC1 share {report.ra1.get('pc1_share', math.nan):.3f}"
     )
-    return save_figure_atomic(figure, path)
+    return figure
 
 
 def plot_s1_vs_depth(report: AlignmentReport, path: str | os.PathLike) -> Path:

@@ -27,7 +27,8 @@ class BlockStats:
     family: str
     kind: str
     alpha: float
-    """Identity coefficient subtracted from the block to get its branch."""
+    """Identity coefficient of the whole block, subtracted from it to get its branch: for a block of two
+    decayed sublayers, the product of ``sublayer_alphas``."""
     dim: int
     """Flattened input size ``n`` of the block (its Jacobian is ``n x n``)."""
     method: str
@@ -46,6 +47,9 @@ class BlockStats:
     """Mean ``sum_{i<=C} s_i^2 / ||J||_F^2``; ``None`` when ``C`` or ``||J||_F`` is unknown."""
     frobenius_sq: float | None
     """Mean ``||J||_F^2`` (exact on the dense path, estimated on the matrix-free path)."""
+    sublayer_alphas: list[float] = field(default_factory=list)
+    """Shortcut coefficients of the block's sublayers (attention, MLP), the per-sublayer schedule of the
+    model card; empty for blocks without decayed sublayers."""
 
     @property
     def s1(self) -> float:
@@ -77,6 +81,9 @@ class AlignmentReport:
     """``[sample][point] -> [pc1, pc2]``: all samples' trajectories in one shared 2-D PCA."""
     sample_trajectory_pca: list[list[float]] = field(default_factory=list)
     """First sample's trajectory in its own 2-D PCA."""
+    notes: list[str] = field(default_factory=list)
+    """Caveats on the figures (e.g. NC1 from classes with a single sample); ``hf-resdecay align`` prints
+    them."""
 
     @property
     def num_blocks(self) -> int:

@@ -31,7 +31,11 @@ def as_feature_matrix(
     naming ``name`` otherwise."""
     if features is None:
         raise ValueError(f"{name} is required: a (samples, dim) array of features")
-    tensor = torch.as_tensor(features if torch.is_tensor(features) else np.asarray(features))
+    if not torch.is_tensor(features):
+        features = np.asarray(features)
+        if not features.flags.writeable:  # memory-mapped features: read them into memory once
+            features = np.array(features)
+    tensor = torch.as_tensor(features)
     if tensor.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, dim); got shape {tuple(tensor.shape)}")
     if tensor.shape[0] < min_samples:
@@ -42,6 +46,22 @@ def as_feature_matrix(
         bad = int((~torch.isfinite(tensor)).any(dim=1).sum())
         raise ValueError(f"{name} holds NaN or inf values in {bad} of {tensor.shape[0]} samples")
     return tensor
+
+
+def as_feature_rows(features, name: str):
+    """``features`` as a (samples, dim) array without copying it: a tensor or numpy array (memory-mapped ones
+    included) is returned as given, anything else as a numpy array. Finiteness is left to the reader of each
+    block (:func:`as_feature_matrix` checks it at once); ``ValueError`` naming ``name`` for a wrong shape."""
+    if features is None:
+        raise ValueError(f"{name} is required: a (samples, dim) array of features")
+    array = (
+        features if torch.is_tensor(features) or isinstance(features, np.ndarray) else np.asarray(features)
+    )
+    if array.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, dim); got shape {tuple(array.shape)}")
+    if array.shape[0] < 1:
+        raise ValueError(f"{name} needs at least 1 sample; got 0")
+    return array
 
 
 def as_labels(labels, name: str, num_samples: int) -> torch.Tensor:
@@ -58,8 +78,8 @@ def as_labels(labels, name: str, num_samples: int) -> torch.Tensor:
     return tensor.long()
 
 
-def check_same_dim(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
-    """Raise ``ValueError`` when two feature matrices have different feature dimensions."""
+def check_same_dim(a, a_name: str, b, b_name: str) -> None:
+    """Raise ``ValueError`` when two feature matrices (tensors or arrays) differ in feature dimension."""
     if a.shape[1] != b.shape[1]:
         raise ValueError(
             f"{a_name} and {b_name} must have the same feature dimension; got {a.shape[1]} and {b.shape[1]}"

@@ -10,21 +10,25 @@ against the dataset's test split instead. Every check that needs no model runs b
 from __future__ import annotations
 
 import argparse
+import os
+import socket
+import subprocess
+import sys
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .. import __version__
+from ..assets import default_cache_dir
 from ..atomic import write_json_atomic
-from ..data import find_label_column
 from ._checks import integer_at_least
+from ._runtime import DTYPES, as_device, available_cores, current_processes
 from .features import check_model_source, encoder_feature_fn, recording_feature_sources
 from .fid import FID_IMAGE_SIZE, fid_for_pipeline, load_fid_inception
 from .plots import plot_depth_curves
-from .suite import REPRESENTATION_METRICS, evaluate_representations
+from .suite import REPRESENTATION_METRICS, check_labels, evaluate_representations
 
 __all__ = ["add_evaluate_command", "run_evaluate"]
 
@@ -86,6 +90,31 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-train-samples", type=integer_at_least(1), default=None)
     evaluate.add_argument("--max-test-samples", type=integer_at_least(1), default=None)
     evaluate.add_argument("--batch-size", type=integer_at_least(1), default=64)
+    evaluate.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (CUDA when available, the default), 'cpu', 'cuda' or 'cuda:N'",
+    )
+    evaluate.add_argument(
+        "--dtype",
+        choices=tuple(DTYPES),
+        default="float32",
+        help="autocast precision of the encoder and of kNN similarities (default: float32); features are "
+        "stored as float32",
+    )
+    evaluate.add_argument(
+        "--num-workers",
+        type=integer_at_least(0),
+        default=None,
+        help="DataLoader workers decoding images, per process (default: the free cores, at most 8)",
+    )
+    evaluate.add_argument(
+        "--num-processes",
+        type=integer_at_least(1),
+        default=1,
+        help="extract features in N processes (one per GPU, or N CPU processes), each on its share of the "
+        "batches; the same as 'accelerate launch --num_processes N -m hf_resdecay.cli evaluate ...'",
+    )
     evaluate.add_argument("--k", type=integer_at_least(1), default=20, help="kNN neighbours (DINO: 20)")
     evaluate.add_argument("--temperature", type=float, default=0.07, help="kNN vote temperature (DINO: 0.07)")
     evaluate.add_argument("--probe-protocol", choices=("paper", "mae"), default="paper")
@@ -94,7 +123,16 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     fid = evaluate.add_argument_group("FID (--metrics fid: MODEL is a diffusers pipeline)")
     fid.add_argument("--fid-samples", type=integer_at_least(1), default=1000, help="images to generate")
     fid.add_argument("--num-inference-steps", type=integer_at_least(1), default=None, help="pipeline steps")
-    fid.add_argument("--seed", type=int, default=0, help="generator seed of the pipeline")
+    fid.add_argument(
+        "--seed", type=int, default=0, help="generation seed (batch b draws from a generator of (seed, b))"
+    )
+    fid.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="classifier-free guidance of a class-conditional (DiT) pipeline, whose samples spread evenly "
+        "over the classes; default: the pipeline's own",
+    )
     fid.add_argument(
         "--trust-remote-code",
         action="store_true",
@@ -113,7 +151,11 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
         help="Hub id or folder of an encoder whose features replace Inception's (e.g. FD-DINOv2)",
     )
     evaluate.add_argument("--output", type=Path, default=Path("results.json"), help="results JSON path")
-    evaluate.add_argument("--no-cache", action="store_true", help="recompute features even if cached")
+    evaluate.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="recompute features even if cached; FID batches are not saved for resuming",
+    )
     evaluate.add_argument("--update-card", action="store_true", help="write the results into the model card")
     evaluate.add_argument(
         "--push", action="store_true", help="with --update-card: push the card to the Hub repo"
@@ -122,7 +164,8 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
 
 
 def _print_table(results: dict) -> None:
-    """The FID line, or one row per layer (kNN, effective rank) and the probe's line, on stdout."""
+    """The FID line, or which splits and how many images were scored, one row per layer (kNN, effective
+    rank) and the probe's line, on stdout."""
     if "fid" in results:
         fid = results["fid"]
         print(
@@ -130,6 +173,12 @@ def _print_table(results: dict) -> None:
             f"features: {fid['features']})"
         )
         return
+    samples, splits = results["samples"], results["splits"]
+    print(
+        f"{results['model']} on {results['dataset']}: train split {splits['train']!r} ({samples['train']:,} "
+        f"images: kNN bank, probe training), test split {splits['test']!r} ({samples['test']:,} images: "
+        "scored; effective rank)"
+    )
     rows = [("layer", "kNN top-1 (%)", "effective rank")]
     for position, layer in enumerate(results["layers"]):
         knn = results.get("knn", {}).get("top1")
@@ -161,11 +210,15 @@ def _pipeline_fid(args: argparse.Namespace, reference) -> dict:
         reference,
         args.fid_samples,
         batch_size=args.batch_size,
-        generator=torch.Generator().manual_seed(args.seed),
+        seed=args.seed,
+        guidance_scale=args.guidance_scale,
         size=size,
         pipeline_kwargs={"num_inference_steps": args.num_inference_steps}
         if args.num_inference_steps
         else None,
+        device=args.device,
+        resume_dir=None if args.no_cache else default_cache_dir() / "fid_batches",
+        feature_key=args.fid_feature_model,
         **extractor,
     )
     name = "fid" if args.fid_feature_model is None else "fd"
@@ -175,6 +228,8 @@ def _pipeline_fid(args: argparse.Namespace, reference) -> dict:
             "features": features,
             "generated": args.fid_samples,
             "reference": len(reference),
+            "seed": args.seed,
+            "guidance_scale": args.guidance_scale,
         },
         "summary": {name: value},
     }
@@ -201,35 +256,44 @@ def _check_writable(path: Path, flag: str) -> None:
 
 
 def _check_labels(dataset, split: str, flag: str, dataset_name: str, metrics: list[str]) -> None:
-    """Refuse, before features are extracted, a split that cannot score kNN or a linear probe: no label
-    column, missing labels, or negative ones (hidden labels stored as -1, as in ImageNet's test split)."""
-    needs = sorted({"knn", "linear_probe"} & set(metrics))
-    if not needs:
-        return
-    where = f"split {split!r} of {dataset_name}"
+    """:func:`~hf_resdecay.evaluation.suite.check_labels` for a split named on the command line."""
     fix = "--test-split validation" if flag == "--test-split" else f"{flag} with a labelled split"
-    column = find_label_column(dataset)
-    if column is None:
+    check_labels(dataset, f"split {split!r} of {dataset_name}", fix, metrics)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _relaunch(args: argparse.Namespace) -> int:
+    """Run this same command under ``accelerate launch`` with ``--num-processes`` processes; its exit status.
+
+    On a CPU device the processes talk over gloo (``ACCELERATE_USE_CPU``) and share the cores; on CUDA each
+    takes one GPU."""
+    count = args.num_processes
+    if args.device.type == "cuda" and count > torch.cuda.device_count():
         raise ValueError(
-            f"{where} has no label column, but {needs} need class labels: evaluate on a labelled split "
-            f"(e.g. {fix}) or use --metrics effective_rank"
+            f"--num-processes {count} exceeds the {torch.cuda.device_count()} CUDA device(s) of this machine"
         )
-    values = list(dataset[column])
-    missing = sum(value is None for value in values)
-    if missing:
-        raise ValueError(
-            f"{where} lacks {missing} label(s) in column {column!r}, but {needs} need class labels: try {fix}"
-        )
-    if not all(isinstance(value, (int, np.integer)) and not isinstance(value, bool) for value in values):
-        raise ValueError(
-            f"{where}: column {column!r} must hold integer class ids for {needs}; cast it to ClassLabel"
-        )
-    negative = sum(value < 0 for value in values)
-    if negative:
-        raise ValueError(
-            f"{where} has {negative} negative label(s) in column {column!r} (hidden labels, stored as -1), "
-            f"but {needs} need class labels: evaluate on a labelled split, e.g. {fix}"
-        )
+    argv, skip = [], False
+    for word in args.argv:
+        if skip:
+            skip = False
+        elif word == "--num-processes":
+            skip = True
+        elif not word.startswith("--num-processes="):
+            argv.append(word)
+    threads = os.environ.get("OMP_NUM_THREADS", str(max(1, available_cores() // count)))  # explicit wins
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(count),
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        "--num_cpu_threads_per_process", threads, "-m", "hf_resdecay.cli", *argv,
+    ]  # fmt: skip
+    env = {**os.environ, **({"ACCELERATE_USE_CPU": "1"} if args.device.type == "cpu" else {})}
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def _check_before_work(args: argparse.Namespace, is_local: bool) -> None:
@@ -242,6 +306,8 @@ def _check_before_work(args: argparse.Namespace, is_local: bool) -> None:
         raise ValueError(
             f"--fid-samples must be at least 2 (FID estimates a covariance); got {args.fid_samples}"
         )
+    if fid and args.guidance_scale is not None and not args.guidance_scale >= 0:
+        raise ValueError(f"--guidance-scale must be >= 0 (1: no guidance); got {args.guidance_scale}")
     if fid and args.fid_weights is not None and not args.fid_weights.is_file():
         raise ValueError(f"--fid-weights {args.fid_weights} is not a file; give the path of the weights file")
     check_model_source(args.model, pipeline=fid)
@@ -261,6 +327,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
             f"error: --push needs a Hub repo id; {args.model} is a folder (its card is updated in place)"
         )
     _check_before_work(args, is_local)
+    args.device = as_device(args.device, "--device")
+    processes = current_processes()
+    if args.num_processes > 1 and processes.count == 1:
+        return _relaunch(args)
     dataset_name = args.dataset or EMBEDDED_DATASET
     if "fid" in args.metrics:
         test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
@@ -271,8 +341,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
             )
         results = _pipeline_fid(args, test)
     else:
-        train = subset(load_image_dataset(dataset_name, split=args.train_split), args.max_train_samples)
-        test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
+        with processes.main_process_first():  # one process downloads and caches, the others read
+            train = subset(load_image_dataset(dataset_name, split=args.train_split), args.max_train_samples)
+            test = subset(load_image_dataset(dataset_name, split=args.test_split), args.max_test_samples)
         _check_labels(train, args.train_split, "--train-split", dataset_name, args.metrics)
         _check_labels(test, args.test_split, "--test-split", dataset_name, args.metrics)
         if "knn" in args.metrics and args.k > len(train):
@@ -295,7 +366,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
                 batch_size=args.batch_size,
                 revision=args.revision,
                 cache=not args.no_cache,
+                device=args.device,
+                dtype=args.dtype,
+                num_workers=args.num_workers,
             )
+        if results is None:  # another process than the main one: it extracted its share of the features
+            return 0
         if len(sources) == 2:  # evaluate_representations extracts the train split, then the test split
             results["features_from_cache"] = {
                 split: source["from_cache"] for split, source in zip(("train", "test"), sources, strict=True)

@@ -5,6 +5,11 @@ pooler (ResNet, ConvNeXt). ViTMAE checkpoints are read with masking off and patc
 patch is seen. Layers index ``hidden_states``: 0 is the embedding output, ``i`` the output of block ``i``,
 ``-1`` the last block (:func:`resolve_layers`); no final LayerNorm is applied (the decay paper's linear-probe
 protocol).
+
+At scale: images are decoded and preprocessed in DataLoader workers, the model runs on ``device`` (CUDA when
+available) under optional autocast, and under ``accelerate launch`` each process extracts every n-th batch,
+the main process writing the rows in dataset order. Features stream into one ``.npy`` file per layer (the
+disk cache entry), memory-mapped when read: no layer is ever held twice or concatenated in memory.
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ import contextvars
 import hashlib
 import json
 import logging
+import math
 import os
-from collections.abc import Callable, Iterator, Sequence
+import secrets
+import shutil
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,22 +33,46 @@ from tqdm.auto import tqdm
 from transformers import AutoImageProcessor, AutoModel, PreTrainedModel, ViTImageProcessorPil
 
 from ..assets import default_cache_dir, sha256_of
-from ..atomic import atomic_write, write_json_atomic
+from ..atomic import write_json_atomic
 from ..data import find_image_column, find_label_column
+from ._runtime import as_device, as_dtype, autocast, available_cores, current_processes, default_num_workers
 
 logger = logging.getLogger(__name__)
 
 POOLINGS = ("mean", "cls", "pooler")
+CACHE_FORMAT = 2
+"""Version of the cache layout (2: a folder of per-layer ``.npy`` files); part of every entry's key."""
+
+
+class LayerFiles(Mapping):
+    """Per-layer features stored as ``layer_<i>.npy`` files in ``folder``, memory-mapped on each access: only
+    the rows actually read come into memory, and dropping the array releases them."""
+
+    def __init__(self, folder: str | os.PathLike, layers: Sequence[int]):
+        self.folder = Path(folder)
+        self._layers = sorted(layers)
+
+    def __getitem__(self, layer: int) -> np.ndarray:
+        if layer not in self._layers:
+            raise KeyError(layer)
+        return np.load(self.folder / f"layer_{layer}.npy", mmap_mode="r")
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
 
 
 @dataclass
 class FeatureSet:
-    """Pooled features per layer (``features[layer]`` is a float32 (samples, dim) array) and labels.
+    """Pooled features per layer (``features[layer]`` is a float32 (samples, dim) array, memory-mapped when it
+    comes from the disk cache) and labels.
 
     ``from_cache`` says whether they were read from a verified disk-cache entry rather than computed now.
     """
 
-    features: dict[int, np.ndarray]
+    features: Mapping[int, np.ndarray]
     labels: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
     from_cache: bool = False
@@ -134,6 +166,53 @@ def _check_model_type(config_path: Path) -> None:
         )
 
 
+class _HideLoadReport(logging.Filter):
+    """Drops transformers' many-row load report when it only lists unused or missing tensors (summarised in
+    one line by :func:`_note_loading`); reports of size mismatches or conversion errors pass."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "LOAD REPORT" not in message or "MISMATCH" in message or "CONVERSION" in message
+
+
+_NOTED_LOADS: set[tuple[str, str]] = set()
+
+
+def _tensor_groups(names: Sequence[str]) -> str:
+    """``decoder.*``-style summary of tensor names by their first component (with counts when several)."""
+    groups: dict[str, int] = {}
+    for name in names:
+        groups[name.split(".")[0]] = groups.get(name.split(".")[0], 0) + 1
+    if len(groups) == 1:
+        return f"{next(iter(groups))}.*"
+    return ", ".join(f"{head}.* ({count})" for head, count in sorted(groups.items()))
+
+
+def _note_loading(source: str, model: torch.nn.Module, info: dict) -> None:
+    """Say once per checkpoint and process, in one line each, which tensors were unused or missing."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    unused, missing = sorted(info.get("unexpected_keys") or ()), sorted(info.get("missing_keys") or ())
+    kind = type(model).__name__
+    if unused and (source, "unused") not in _NOTED_LOADS:
+        _NOTED_LOADS.add((source, "unused"))
+        what = (
+            " (the pretraining decoder, not needed for features)"
+            if all(name.startswith("decoder.") for name in unused)
+            else ""
+        )
+        logger.warning(
+            f"{source}: {len(unused)} tensors of the checkpoint ({_tensor_groups(unused)}) are not used by "
+            f"{kind}{what}"
+        )
+    if missing and (source, "missing") not in _NOTED_LOADS:
+        _NOTED_LOADS.add((source, "missing"))
+        logger.warning(
+            f"{source}: {len(missing)} tensors of {kind} are not in the checkpoint and were freshly "
+            f"initialised: {_tensor_groups(missing)}"
+        )
+
+
 def load_model(
     model_or_id: torch.nn.Module | str | os.PathLike, trust_remote_code: bool = False, **kwargs
 ) -> torch.nn.Module:
@@ -141,13 +220,25 @@ def load_model(
 
     A module is returned as given. Importing :mod:`hf_resdecay` registers ``vit_mae_decay`` with the Auto
     classes, so decayed checkpoints resolve without remote code; ``trust_remote_code`` stays off unless the
-    caller turns it on. ``kwargs`` (``revision``, ``torch_dtype``, ...) go to ``from_pretrained``.
+    caller turns it on. ``kwargs`` (``revision``, ``torch_dtype``, ...) go to ``from_pretrained``. Tensors of
+    the checkpoint that the model does not use (a pretraining checkpoint's decoder, read as an encoder) are
+    named in one line instead of transformers' one-row-per-tensor report.
     """
     if isinstance(model_or_id, torch.nn.Module):
         return model_or_id
     import hf_resdecay  # noqa: F401  (registers the decayed models with the Auto classes)
 
-    return AutoModel.from_pretrained(str(model_or_id), trust_remote_code=trust_remote_code, **kwargs)
+    reporter = logging.getLogger("transformers.modeling_utils")
+    hide = _HideLoadReport()
+    reporter.addFilter(hide)
+    try:
+        model, info = AutoModel.from_pretrained(
+            str(model_or_id), trust_remote_code=trust_remote_code, output_loading_info=True, **kwargs
+        )
+    finally:
+        reporter.removeFilter(hide)
+    _note_loading(str(model_or_id), model, info)
+    return model
 
 
 def load_encoder(model_or_id, revision: str | None = None) -> tuple[PreTrainedModel, object | None]:
@@ -218,14 +309,19 @@ def _num_layers(config) -> int | None:
 
 
 def _model_fingerprint(model: torch.nn.Module) -> str:
-    """SHA-256 over the config and every weight: two models share cached features only if identical."""
+    """SHA-256 over the config and every weight: two models share cached features only if identical
+    (transformers and diffusers models alike; the latent and FID-batch caches use it too). Where the model
+    was loaded from (``_name_or_path``) is left out, so a byte-identical copy of a checkpoint folder has the
+    same fingerprint."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
-    if config is not None:
-        digest.update(config.to_json_string(use_diff=False).encode())
+    if config is not None:  # a transformers config, or a diffusers FrozenDict
+        settings = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        settings.pop("_name_or_path", None)
+        digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().data)
     return digest.hexdigest()
 
 
@@ -275,6 +371,109 @@ def _to_rgb(image, channels: int):
     return image
 
 
+class _ImageBatches(torch.utils.data.Dataset):
+    """Batches ``numbers`` of ``dataset`` (batch ``n`` holds rows ``n * batch_size`` onwards), each decoded
+    and run through the image processor: DataLoader items, so that its workers do this beside the model."""
+
+    def __init__(self, dataset, numbers, batch_size, total, image_column, label_column, processor, channels):
+        self.dataset, self.numbers, self.batch_size, self.total = dataset, numbers, batch_size, total
+        self.image_column, self.label_column = image_column, label_column
+        self.processor, self.channels = processor, channels
+
+    def __len__(self) -> int:
+        return len(self.numbers)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor, list | None]:
+        number = self.numbers[position]
+        start = number * self.batch_size
+        rows = self.dataset[start : min(start + self.batch_size, self.total)]
+        images = [_to_rgb(image, self.channels) for image in rows[self.image_column]]
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        labels = list(rows[self.label_column]) if self.label_column is not None else None
+        return number, pixel_values, labels
+
+
+class _HashingFile:
+    """A binary file that hashes (SHA-256) what is written to it, so an entry's checksum costs no re-read."""
+
+    def __init__(self, path: Path):
+        self.handle = open(path, "wb")  # noqa: SIM115  (closed by close(), after many writes)
+        self.digest = hashlib.sha256()
+
+    def write(self, data) -> None:
+        self.digest.update(data)
+        self.handle.write(data)
+
+    def close(self) -> str:
+        self.handle.close()
+        return self.digest.hexdigest()
+
+
+class _FeatureWriter:
+    """Rows of each layer, appended in dataset order: streamed into ``layer_<i>.npy`` files in ``folder``
+    (hashed as they are written), or without a folder into one array per layer allocated once."""
+
+    def __init__(self, rows: int, folder: Path | None, label_column: str | None):
+        self.rows, self.folder, self.label_column = rows, folder, label_column
+        self.filled = 0
+        self.outputs: dict[int, _HashingFile | np.ndarray] = {}
+        self.labels = np.empty(rows, dtype=np.int64) if label_column is not None else None
+
+    def append(self, pooled: dict[int, np.ndarray], labels: list | None) -> int:
+        """Write the next rows; returns how many."""
+        count = len(next(iter(pooled.values())))
+        stop = self.filled + count
+        for index, values in pooled.items():
+            values = np.ascontiguousarray(values, dtype="<f4")
+            output = self.outputs.get(index)
+            if output is None:
+                output = self.outputs[index] = self._open(index, values.shape[1])
+            if isinstance(output, np.ndarray):
+                output[self.filled : stop] = values
+            else:
+                output.write(values.data)
+        if self.labels is not None:
+            try:
+                self.labels[self.filled : stop] = np.asarray(labels, dtype=np.int64)
+            except (TypeError, ValueError):
+                raise ValueError(
+                    f"column {self.label_column!r} holds missing or non-integer labels in rows "
+                    f"{self.filled}-{stop - 1}; give a labelled split or label_column=None"
+                ) from None
+        self.filled = stop
+        return count
+
+    def _open(self, index: int, dim: int) -> _HashingFile | np.ndarray:
+        if self.folder is None:
+            return np.empty((self.rows, dim), dtype=np.float32)
+        file = _HashingFile(self.folder / f"layer_{index}.npy")
+        header = {"descr": "<f4", "fortran_order": False, "shape": (self.rows, dim)}
+        np.lib.format.write_array_header_1_0(file, header)
+        return file
+
+    def finish(self, meta: dict) -> tuple[dict[int, np.ndarray], dict[str, str]]:
+        """In memory: the arrays and no hashes. On disk: no arrays, and the SHA-256 of every file written
+        (the layers, ``labels.npy`` and ``meta.json``)."""
+        if self.filled != self.rows:
+            raise RuntimeError(f"feature extraction wrote {self.filled} of {self.rows} rows")
+        if self.folder is None:
+            return dict(self.outputs), {}
+        hashes = {f"layer_{index}.npy": file.close() for index, file in self.outputs.items()}
+        if self.labels is not None:
+            file = _HashingFile(self.folder / "labels.npy")
+            np.save(file, self.labels)
+            hashes["labels.npy"] = file.close()
+        file = _HashingFile(self.folder / "meta.json")
+        file.write(json.dumps(meta).encode())
+        hashes["meta.json"] = file.close()
+        return {}, hashes
+
+    def abort(self) -> None:
+        for output in self.outputs.values():
+            if isinstance(output, _HashingFile):
+                output.handle.close()
+
+
 def extract_features(
     model_or_id,
     dataset,
@@ -289,22 +488,45 @@ def extract_features(
     cache: bool = True,
     cache_dir: str | os.PathLike | None = None,
     progress: bool = True,
-) -> FeatureSet:
+    *,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    num_workers: int | None = None,
+    split_between_processes: bool | None = None,
+) -> FeatureSet | None:
     """Features of ``dataset`` (a ``datasets.Dataset`` with an image column) under ``model_or_id``.
 
     ``layers`` is a sequence of ``hidden_states`` indices or ``"all"`` (range-checked and de-duplicated by
     :func:`resolve_layers`, so ``(2, -1)`` on a 2-block model is layer 2 once); ``pooling`` is ``"mean"`` (all
     tokens, CLS included; spatial mean for CNNs), ``"cls"`` or ``"pooler"`` (the model's pooler output,
-    last layer only). Images stream through in batches under ``torch.inference_mode``. With ``cache``,
-    results are stored under ``cache_dir`` keyed by the model's weights and the dataset's fingerprint, with
-    the SHA-256 of each entry beside it: an entry that fails the check or cannot be read is logged, deleted
-    and recomputed. ``cache=False`` recomputes and replaces any entry under the same key.
+    last layer only).
+
+    Where it runs: ``device`` (``"auto"``: CUDA when available; None: where a given module already is, else
+    ``"auto"``; a given module is moved back afterwards), ``dtype`` (``"bfloat16"``/``"float16"``: autocast;
+    features are stored as float32 either way), ``num_workers`` DataLoader workers decoding and preprocessing
+    batches (default: the free cores, at most 8; 0 decodes in this process). Under a distributed launch
+    (``accelerate launch``) every process must call it: each runs every n-th batch and the main process
+    receives them in order and returns the features; the others return None. ``split_between_processes=False``
+    keeps the work on the calling process alone.
+
+    With ``cache``, results are stored under ``cache_dir`` keyed by the model's weights and config (not its
+    path), the processor, the dataset's fingerprint, the layers, pooling and dtype: one ``.npy`` file per
+    layer, written while extracting and memory-mapped when read, with the SHA-256 of each file recorded beside
+    the entry. An entry that fails the check or cannot be read is logged, deleted and recomputed.
+    ``cache=False`` recomputes: in memory (one array per layer, allocated once), or into the entry it replaces
+    when one exists.
     ``FeatureSet.from_cache`` tells which happened.
     """
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {', '.join(map(repr, POOLINGS))}; got {pooling!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+    if num_workers is not None and (not isinstance(num_workers, int) or num_workers < 0):
+        raise ValueError(f"num_workers must be an integer >= 0; got {num_workers!r}")
+    autocast_dtype = as_dtype(dtype)
+    target = as_device(device)
+    processes = current_processes(split_between_processes)
+    given_module = isinstance(model_or_id, torch.nn.Module)
     model, loaded_processor = load_encoder(model_or_id, revision)
     processor = image_processor or loaded_processor or default_image_processor(model)
     image_column = find_image_column(dataset, image_column)
@@ -318,73 +540,124 @@ def extract_features(
     indices = resolve_layers(as_given, num_layers) if num_layers is not None else None
     if indices is not None:
         _check_pooler_layers(pooling, indices, num_layers)
+    parameter = next(base.parameters(), None)
+    weights_dtype = parameter.dtype if parameter is not None else torch.float32
+    half = autocast_dtype is not None and autocast_dtype != torch.float32
+    dtype_name = str(autocast_dtype if half else weights_dtype).removeprefix("torch.")  # what it computes in
 
-    key_parts = {
-        "model": _model_fingerprint(model),
-        "dataset": getattr(dataset, "_fingerprint", None),
-        "processor": processor.to_json_string() if hasattr(processor, "to_json_string") else repr(processor),
-        "pooling": pooling,
-        "layers": sorted(indices) if indices is not None else as_given,
-        "columns": [image_column, label_column],
-        "samples": total,
-    }
-    cache_file = None
-    if key_parts["dataset"] is not None:
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
-        cache_file = Path(cache_dir or default_cache_dir() / "features") / f"{key}.npz"
-        if not cache:  # recompute; a stale or damaged entry under this key is replaced, never left behind
-            cache_file = cache_file if cache_file.exists() or _record_path(cache_file).exists() else None
-        else:
-            cached = _read_cache_entry(cache_file, key, indices, total)
+    entry = key = None
+    if getattr(dataset, "_fingerprint", None) is not None:
+        cached = None
+        if processes.is_main:
+            key_parts = {
+                "format": CACHE_FORMAT,
+                "model": _model_fingerprint(model),
+                "dataset": dataset._fingerprint,
+                "processor": processor.to_json_string()
+                if hasattr(processor, "to_json_string")
+                else repr(processor),
+                "pooling": pooling,
+                "layers": sorted(indices) if indices is not None else as_given,
+                "columns": [image_column, label_column],
+                "samples": total,
+                "dtype": dtype_name,
+            }
+            key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
+            entry = Path(cache_dir or default_cache_dir() / "features") / key
+            if cache:
+                cached = _read_cache_entry(entry, key, indices, total)
+            elif not (entry.exists() or _record_path(entry).exists()):
+                entry = None  # recomputed in memory: no entry to replace
+        if processes.broadcast_from_main(cached is not None):
             if cached is not None:
                 _note_source(cached)
-                return cached
+            return cached  # None on the other processes
 
+    home = parameter.device if parameter is not None else torch.device("cpu")
+    if target is None:
+        target = home if given_module else as_device("auto")
+    input_dtype = torch.float32 if half else weights_dtype
+    batches = math.ceil(total / batch_size)
+    mine = list(range(processes.index, batches, processes.count))
+    if num_workers is None:
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes.count))
+        num_workers = min(default_num_workers(local), max(0, len(mine) - 1))
+        if target.type == "cpu":  # the model's threads use the cores: workers only on the cores left over
+            num_workers = min(num_workers, max(0, available_cores() // local - torch.get_num_threads()))
+    channels = getattr(base.config, "num_channels", 3)
+    loader = torch.utils.data.DataLoader(
+        _ImageBatches(dataset, mine, batch_size, total, image_column, label_column, processor, channels),
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=target.type == "cuda",
+    )
+    folder = None
+    if processes.is_main and entry is not None:
+        folder = entry.parent / f".{entry.name}.{secrets.token_hex(4)}.partial"
+        folder.mkdir(parents=True)
+    writer = _FeatureWriter(total, folder, label_column) if processes.is_main else None
     was_training = base.training
     base.eval()
-    channels = getattr(base.config, "num_channels", 3)
-    device = next(base.parameters()).device
-    chunks: dict[int, list[np.ndarray]] = {}
-    labels: list = []
+    base.to(target)
+    bar = tqdm(total=total, desc="features", unit="image", disable=not (progress and processes.is_main))
     try:
-        with _unmasked(base) as masks_patches, torch.inference_mode():
-            for start in tqdm(
-                range(0, total, batch_size), desc="features", disable=not progress, unit="batch"
-            ):
-                rows = dataset[start : min(start + batch_size, total)]
-                images = [_to_rgb(image, channels) for image in rows[image_column]]
-                pixel_values = processor(images=images, return_tensors="pt")["pixel_values"].to(device)
-                outputs = base(
-                    pixel_values=pixel_values, **_forward_kwargs(base, masks_patches, pixel_values)
-                )
-                states = outputs.hidden_states
-                if len(states) - 1 != num_layers:  # the config did not say, or the outputs disagree
-                    num_layers = len(states) - 1
-                    indices = resolve_layers(as_given, num_layers)
-                    _check_pooler_layers(pooling, indices, num_layers)
-                for index in indices:
-                    if pooling == "pooler":
-                        pooled = outputs.pooler_output.flatten(1)
-                    else:
-                        pooled = _pool(states[index], pooling)
-                    chunks.setdefault(index, []).append(pooled.float().cpu().numpy())
-                if label_column is not None:
-                    labels.extend(rows[label_column])
-    finally:
-        base.train(was_training)
-
-    result = FeatureSet(
-        features={index: np.concatenate(parts) for index, parts in chunks.items()},
-        labels=np.asarray(labels, dtype=np.int64) if label_column is not None else None,
-        meta={
+        with _unmasked(base) as masks_patches, torch.inference_mode(), autocast(target, autocast_dtype):
+            pending = iter(loader)
+            for _ in range(math.ceil(batches / processes.count)):
+                item = next(pending, None)  # None once this process's share is done
+                part = None
+                if item is not None:
+                    number, pixel_values, labels = item
+                    pixel_values = pixel_values.to(target, input_dtype, non_blocking=True)
+                    outputs = base(
+                        pixel_values=pixel_values, **_forward_kwargs(base, masks_patches, pixel_values)
+                    )
+                    states = outputs.hidden_states
+                    if len(states) - 1 != num_layers:  # the config did not say, or the outputs disagree
+                        num_layers = len(states) - 1
+                        indices = resolve_layers(as_given, num_layers)
+                        _check_pooler_layers(pooling, indices, num_layers)
+                    pooled = {
+                        index: (
+                            outputs.pooler_output.flatten(1)
+                            if pooling == "pooler"
+                            else _pool(states[index], pooling)
+                        )
+                        .float()
+                        .cpu()
+                        .numpy()
+                        for index in indices
+                    }
+                    part = (number, pooled, labels)
+                for gathered in processes.gather_to_main(part) or ():
+                    if gathered is not None:
+                        bar.update(writer.append(gathered[1], gathered[2]))
+        if not processes.is_main:
+            return None
+        meta = {
             "pooling": pooling,
             "image_column": image_column,
             "label_column": label_column,
             "samples": total,
-        },
-    )
-    if cache_file is not None:
-        _save_cache_entry(cache_file, key, result)
+            "dtype": dtype_name,
+        }
+        features, hashes = writer.finish(meta)
+        labels = writer.labels
+        if folder is not None:
+            _commit_cache_entry(folder, entry, key, hashes)
+            features = LayerFiles(entry, list(writer.outputs))
+    except BaseException:
+        if writer is not None:
+            writer.abort()
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+        base.train(was_training)
+        if given_module and target != home:
+            base.to(home)
+    result = FeatureSet(features=features, labels=labels, meta=meta)
     _note_source(result)
     return result
 
@@ -444,68 +717,63 @@ def _note_source(result: FeatureSet) -> None:
         sources.append({"from_cache": result.from_cache, "samples": int(result.meta.get("samples", 0))})
 
 
-def _record_path(cache_file: Path) -> Path:
-    """The JSON record next to a cache entry: its key and the SHA-256 of the ``.npz``."""
-    return cache_file.with_suffix(".json")
+def _record_path(entry: Path) -> Path:
+    """The JSON record next to a cache entry's folder: its key and the SHA-256 of each of its files."""
+    return entry.with_name(entry.name + ".json")
 
 
-def _drop_cache_entry(cache_file: Path) -> None:
-    for path in (cache_file, _record_path(cache_file)):
-        with contextlib.suppress(OSError):
-            path.unlink(missing_ok=True)
+def _drop_cache_entry(entry: Path) -> None:
+    shutil.rmtree(entry, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        _record_path(entry).unlink(missing_ok=True)
 
 
-def _read_cache_entry(
-    cache_file: Path, key: str, layers: list[int] | None, samples: int
-) -> FeatureSet | None:
-    """The cached features when the entry matches its recorded SHA-256 and the request; else None.
+def _commit_cache_entry(folder: Path, entry: Path, key: str, hashes: dict[str, str]) -> None:
+    """Move a finished ``folder`` into place as ``entry``, then write the record of its files' SHA-256: a
+    reader never pairs new files with an old record, and an entry without its record is never trusted."""
+    _drop_cache_entry(entry)
+    os.replace(folder, entry)
+    write_json_atomic({"key": key, "format": CACHE_FORMAT, "files": hashes}, _record_path(entry))
+
+
+def _read_cache_entry(entry: Path, key: str, layers: list[int] | None, samples: int) -> FeatureSet | None:
+    """The cached features when every file matches its recorded SHA-256 and the request; else None.
 
     A damaged, truncated, forged or unreadable entry is logged in one line and deleted, so the caller
-    recomputes it and the next run is not stuck on it.
+    recomputes it and the next run is not stuck on it. Layers are memory-mapped, not read into memory.
     """
-    record_path = _record_path(cache_file)
-    if not cache_file.exists() and not record_path.exists():
+    record_path = _record_path(entry)
+    if not entry.exists() and not record_path.exists():
         return None
     try:
         record = json.loads(record_path.read_text(encoding="utf-8"))
-        if not isinstance(record, dict) or record.get("key") != key or "sha256" not in record:
-            raise ValueError(f"{record_path.name} does not record this entry's key and SHA-256")
-        if sha256_of(cache_file) != record["sha256"]:
-            raise ValueError("its SHA-256 differs from the one recorded when it was written")
-        result = _load_feature_file(cache_file)
-        rows = {len(values) for values in result.features.values()}
-        if rows != {samples} or (layers is not None and sorted(result.features) != sorted(layers)):
-            raise ValueError(f"it holds layers {result.layers} x {sorted(rows)} rows, not what was asked")
+        if (
+            not isinstance(record, dict)
+            or record.get("key") != key
+            or not isinstance(record.get("files"), dict)
+        ):
+            raise ValueError(
+                f"{record_path.name} does not record this entry's key and the SHA-256 of its files"
+            )
+        files = record["files"]
+        present = sorted(path.name for path in entry.iterdir())
+        if present != sorted(files):
+            raise ValueError(f"it holds {present}, not the files whose SHA-256 was recorded")
+        for name, digest in files.items():
+            if sha256_of(entry / name) != digest:
+                raise ValueError(f"the SHA-256 of {name} differs from the one recorded when it was written")
+        meta = json.loads((entry / "meta.json").read_text(encoding="utf-8"))
+        labels = np.load(entry / "labels.npy") if "labels.npy" in files else None
+        stored = sorted(
+            int(name[len("layer_") : -len(".npy")]) for name in files if name.startswith("layer_")
+        )
+        features = LayerFiles(entry, stored)
+        rows = {features[layer].shape[0] for layer in stored}
+        if rows != {samples} or (layers is not None and stored != sorted(layers)):
+            raise ValueError(f"it holds layers {stored} x {sorted(rows)} rows, not what was asked")
     except Exception as error:  # whatever is wrong with a cache entry, recomputing it fixes it
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        logger.warning(f"feature cache {cache_file} is unusable ({reason}); recomputing the features")
-        _drop_cache_entry(cache_file)
+        logger.warning(f"feature cache {entry} is unusable ({reason}); recomputing the features")
+        _drop_cache_entry(entry)
         return None
-    result.from_cache = True
-    return result
-
-
-def _save_cache_entry(cache_file: Path, key: str, result: FeatureSet) -> None:
-    """Write the features, then the record of their SHA-256; each file appears whole or not at all."""
-    _drop_cache_entry(cache_file)  # a reader never pairs a new file with an old record
-    _save_feature_file(cache_file, result)
-    write_json_atomic({"key": key, "sha256": sha256_of(cache_file)}, _record_path(cache_file))
-
-
-def _save_feature_file(path: Path, result: FeatureSet) -> None:
-    """Write the features next to their final name, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {f"layer_{index}": value for index, value in result.features.items()}
-    if result.labels is not None:
-        arrays["labels"] = result.labels
-    arrays["meta"] = np.frombuffer(json.dumps(result.meta).encode(), dtype=np.uint8)
-    with atomic_write(path, "wb") as handle:
-        np.savez(handle, **arrays)
-
-
-def _load_feature_file(path: Path) -> FeatureSet:
-    with np.load(path, allow_pickle=False) as data:
-        features = {int(name.split("_")[1]): data[name] for name in data.files if name.startswith("layer_")}
-        labels = data["labels"] if "labels" in data.files else None
-        meta = json.loads(data["meta"].tobytes().decode())
-    return FeatureSet(features=features, labels=labels, meta={**meta, "cached": str(path)})
+    return FeatureSet(features=features, labels=labels, meta={**meta, "cached": str(entry)}, from_cache=True)

@@ -132,6 +132,11 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
     with decayed shortcuts. diffusers gives every block its own timestep and label embedder where SiT shares
     one; converted SiT weights are copied into each.
 
+    Class labels are never dropped inside the model: diffusers' DiT drops each block's label independently
+    (10%, global RNG) in training mode, where SiT drops a sample's label once for the whole stack.
+    ``hf_resdecay.sampling.diffusion_loss(label_dropout=0.1)`` does that with the step's generator; the label
+    table keeps its null-class row (id ``num_embeds_ada_norm``) for classifier-free guidance.
+
     Loading a decayed checkpoint into the plain [`DiTTransformer2DModel`] silently drops the decay (and
     the long skips): diffusers only logs unexpected config attributes and unused ``long_skip_projections``
     weights, and the model computes identity shortcuts.
@@ -232,6 +237,7 @@ class DiTDecayTransformer2DModel(DiTTransformer2DModel):
 
         for block in self.transformer_blocks:
             block.norm1.emb.time_proj.downscale_freq_shift = timestep_freq_shift
+            block.norm1.emb.class_embedder.dropout_prob = 0.0  # dropped once per sample by the objective
 
         self.long_skip_projections = None
         if long_skip_connections:

@@ -15,7 +15,17 @@ RNG, divergence stop, schedule lengths, logs), :mod:`.checkpoints` (save and res
 Hub), :mod:`.lock` (one run per output folder).
 """
 
-from .arguments import CommonTrainingArguments, DataArguments, fail, given_flags, load_splits
+from .arguments import (
+    CommonTrainingArguments,
+    DataArguments,
+    ScriptArgumentParser,
+    ShortcutSchedule,
+    check_choices,
+    fail,
+    given_fields,
+    load_splits,
+    parse_config_overrides,
+)
 from .checkpoints import (
     CHECKPOINT_PREFIX,
     CheckpointError,
@@ -34,6 +44,7 @@ from .publish import publish_directory, push_final_model, push_folder, recover_p
 from .runtime import (
     MetricsLog,
     SchedulePlan,
+    announce,
     enable_gradient_checkpointing,
     exit_interrupted,
     make_accelerator,
@@ -56,15 +67,19 @@ __all__ = [
     "OutputLocked",
     "RunLock",
     "SchedulePlan",
+    "ScriptArgumentParser",
+    "ShortcutSchedule",
     "TrainingLoop",
+    "announce",
     "check_checkpoint",
+    "check_choices",
     "checkpoint_dirs",
     "checkpoint_step",
     "enable_gradient_checkpointing",
     "exit_interrupted",
     "fail",
     "full_state_dict",
-    "given_flags",
+    "given_fields",
     "hold_output_lock",
     "input_dtype",
     "is_sharded",
@@ -72,6 +87,7 @@ __all__ = [
     "make_accelerator",
     "make_ema",
     "parameter_groups",
+    "parse_config_overrides",
     "plan_schedule",
     "publish_directory",
     "push_final_model",

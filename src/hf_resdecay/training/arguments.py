@@ -4,17 +4,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import os
 import sys
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from types import SimpleNamespace
+from typing import Any, Literal, NoReturn
+
+from transformers import HfArgumentParser, PretrainedConfig
+from transformers.hf_argparser import string_to_bool
 
 from ..data import EMBEDDED_DATASET, find_image_column, find_label_column, load_image_dataset, subset
+from ..hub import DEFAULT_LICENSE, check_license
+from ..shortcut import SHORTCUT_SCHEDULES
 
-if TYPE_CHECKING:
-    from transformers import HfArgumentParser
+ShortcutSchedule = Literal[SHORTCUT_SCHEDULES]
+"""The ``--shortcut_schedule`` choices, from :data:`hf_resdecay.shortcut.SHORTCUT_SCHEDULES`."""
 
 
 def fail(message: str) -> NoReturn:
@@ -74,11 +83,21 @@ def _looks_like_path(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or name.endswith("/")
 
 
+DEFAULT_CHECKPOINTING_STEPS = 500
+"""Checkpoints are on by default (as in diffusers' examples): a killed run loses at most this many steps."""
+
+
 @dataclass
 class CommonTrainingArguments:
     """Optimisation, logging, checkpoints and publishing: the flags every training script shares."""
 
     output_dir: str = field(metadata={"help": "where the model, checkpoints, logs and results go"})
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML file of flag values (training_scripts/recipes/); flags on the command line win"
+        },
+    )
     seed: int = 0
     num_train_epochs: int = 3
     max_train_steps: int | None = field(default=None, metadata={"help": "overrides num_train_epochs"})
@@ -90,14 +109,18 @@ class CommonTrainingArguments:
         default=None, metadata={"help": "overrides warmup_epochs (needed with --streaming of unknown size)"}
     )
     max_grad_norm: float | None = None
-    mixed_precision: str | None = field(
-        default=None,
-        metadata={"help": "no | fp16 | bf16; default: what `accelerate launch` or its config says"},
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = field(
+        default=None, metadata={"help": "default: what `accelerate launch` or its config says"}
     )
-    report_to: str = field(default="none", metadata={"help": "tensorboard | wandb | none"})
+    report_to: Literal["none", "tensorboard", "wandb"] = "none"
     logging_steps: int = 20
-    checkpointing_steps: int | None = None
-    checkpoints_total_limit: int | None = 2
+    checkpointing_steps: int = field(
+        default=DEFAULT_CHECKPOINTING_STEPS,
+        metadata={"help": "save a resumable checkpoint every N optimizer steps (0: never)"},
+    )
+    checkpoints_total_limit: int | None = field(
+        default=2, metadata={"help": "keep the newest N checkpoints (none: keep all)"}
+    )
     resume_from_checkpoint: str | None = field(default=None, metadata={"help": "latest | PATH"})
     dataloader_num_workers: int | None = field(
         default=None, metadata={"help": "image-decoding workers per process; default: from the free cores"}
@@ -114,9 +137,17 @@ class CommonTrainingArguments:
     push_to_hub: bool = False
     hub_model_id: str | None = None
     hub_private_repo: bool = False
-    hub_strategy: str = field(default="end", metadata={"help": "end | checkpoint"})
+    hub_strategy: Literal["end", "checkpoint"] = field(
+        default="end", metadata={"help": "push at the end only, or every checkpoint too"}
+    )
     hub_upload_attempts: int = field(
         default=4, metadata={"help": "tries per upload, with exponential backoff"}
+    )
+    license: str = field(
+        default=DEFAULT_LICENSE,
+        metadata={
+            "help": "the weights' licence in the model card: a Hub licence id (mit, cc-by-4.0, other...)"
+        },
     )
 
     def check(self) -> None:
@@ -125,15 +156,11 @@ class CommonTrainingArguments:
             value = getattr(self, item.name)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError(f"--{item.name} must be a finite number; got {value}")
+        check_choices(self)
         self._check_output_dir()
-        if self.hub_strategy not in ("end", "checkpoint"):
-            raise ValueError(f"--hub_strategy must be 'end' or 'checkpoint'; got {self.hub_strategy!r}")
+        check_license(self.license)
         if self.push_to_hub and not self.hub_model_id:
             raise ValueError("--push_to_hub needs --hub_model_id (e.g. org/vitmae-decay)")
-        if self.mixed_precision not in (None, "no", "fp16", "bf16"):
-            raise ValueError(f"--mixed_precision must be no, fp16 or bf16; got {self.mixed_precision!r}")
-        if self.report_to not in ("none", "tensorboard", "wandb"):
-            raise ValueError(f"--report_to must be none, tensorboard or wandb; got {self.report_to!r}")
         for name in (
             "per_device_train_batch_size",
             "gradient_accumulation_steps",
@@ -145,9 +172,10 @@ class CommonTrainingArguments:
                 raise ValueError(f"--{name} must be >= 1; got {getattr(self, name)}")
         if self.warmup_steps is not None and self.warmup_steps < 0:
             raise ValueError(f"--warmup_steps must be >= 0 when given; got {self.warmup_steps}")
-        if self.dataloader_num_workers is not None and self.dataloader_num_workers < 0:
-            raise ValueError(f"--dataloader_num_workers must be >= 0; got {self.dataloader_num_workers}")
-        for name in ("max_train_steps", "checkpointing_steps", "checkpoints_total_limit"):
+        for name in ("dataloader_num_workers", "checkpointing_steps"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("max_train_steps", "checkpoints_total_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1 when given; got {getattr(self, name)}")
 
@@ -162,19 +190,162 @@ class CommonTrainingArguments:
             raise ValueError(f"--output_dir {self.output_dir}: {existing} is not writable by this user")
 
 
-def given_flags(parser: HfArgumentParser, argv: list[str] | None = None) -> set[str]:
-    """The dataclass fields that ``argv`` (default ``sys.argv[1:]``) sets, however each flag is spelled
-    (``--shortcut-decay``, an abbreviation such as ``--shortcut_d``, ``--no_x``, ``--x=value``): with a
-    checkpoint to start from, only these change its config.
+def check_choices(arguments: Any) -> None:
+    """Raise ``ValueError`` naming the flag for a field outside its ``Literal[...]`` choices.
 
-    ``parser`` reads ``argv`` a second time into a namespace holding a sentinel for every field; argparse
-    fills in defaults only where the namespace has no value, so a field still holding the sentinel was not
-    given. The parser itself is left unchanged.
+    argparse checks the command line against the same types; this covers dataclasses built in code.
     """
-    names = {item.name for kind in parser.dataclass_types for item in dataclasses.fields(kind) if item.init}
-    unset = object()
-    namespace, _ = parser.parse_known_args(argv, namespace=argparse.Namespace(**dict.fromkeys(names, unset)))
-    return {name for name in names if getattr(namespace, name) is not unset}
+    hints = typing.get_type_hints(type(arguments))
+    for item in dataclasses.fields(arguments):
+        kind = hints[item.name]  # Literal[...] or Literal[...] | None
+        literal = next(
+            (part for part in (kind, *typing.get_args(kind)) if typing.get_origin(part) is Literal), None
+        )
+        options = typing.get_args(literal) if literal is not None else ()
+        value = getattr(arguments, item.name)
+        if options and value is not None and value not in options:
+            allowed = ", ".join(str(option) for option in options)
+            raise ValueError(f"--{item.name} must be one of {allowed}; got {value!r}")
+
+
+def given_fields(arguments: Any, exclude: Sequence[str] = ()) -> dict[str, Any]:
+    """The fields of a model-arguments dataclass that were set (not None), less ``exclude``.
+
+    Model flags default to None, "keep the config": the config class's default for a fresh model, the
+    checkpoint's value when starting from one. Only the fields set here change it, however they were spelled.
+    """
+    return {
+        item.name: getattr(arguments, item.name)
+        for item in dataclasses.fields(arguments)
+        if item.name not in exclude and getattr(arguments, item.name) is not None
+    }
+
+
+def parse_config_overrides(config: PretrainedConfig | Mapping[str, Any], text: str | None) -> dict[str, Any]:
+    """``--config_overrides "key=value,..."`` as ``{key: value}``, each value read with the type of the field
+    it replaces in ``config`` (a transformers config, or a diffusers config dict), by transformers'
+    ``PretrainedConfig.update_from_string``. ``config`` itself is left unchanged.
+
+    Raises ``ValueError`` naming the flag for a malformed item, an unknown key or a value of the wrong type.
+    """
+    items = [item.strip() for item in (text or "").split(",") if item.strip()]
+    for item in items:
+        key, _, _ = item.partition("=")
+        if item.count("=") != 1 or not key.strip():
+            raise ValueError(f"--config_overrides: expected key=value, got {item!r}")
+    if not items:
+        return {}
+    values = config.to_dict() if isinstance(config, PretrainedConfig) else dict(config)
+    scratch = SimpleNamespace(**values)
+    try:
+        PretrainedConfig.update_from_string(scratch, ",".join(items))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"--config_overrides: {error}") from None
+    return {key: getattr(scratch, key) for key in (item.partition("=")[0] for item in items)}
+
+
+class ScriptArgumentParser(HfArgumentParser):
+    """The training scripts' parser: ``HfArgumentParser`` plus recipes, exact flag names and tri-state
+    booleans.
+
+    - ``--recipe FILE``: a YAML file of ``flag: value`` lines read before the command line, so any flag given
+      there wins; a key that is no flag of the script is refused, naming it.
+    - Flags must be written in full (``allow_abbrev=False``): an abbreviation such as ``--shortcut_d`` is
+      refused rather than guessed, and a flag added later cannot make an old abbreviation change meaning.
+    - A ``bool | None`` field (a model flag that keeps the config when not given) takes ``--x``,
+      ``--x false`` and ``--no_x``, like a plain ``bool`` field.
+    """
+
+    def __init__(self, dataclass_types):
+        super().__init__(dataclass_types, allow_abbrev=False)
+
+    @staticmethod
+    def _parse_dataclass_field(parser: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+        if field.type != bool | None or field.default is not None:
+            HfArgumentParser._parse_dataclass_field(parser, field)
+            return
+        names = dict.fromkeys((f"--{field.name}", f"--{field.name.replace('_', '-')}"))
+        parser.add_argument(
+            *names, type=string_to_bool, nargs="?", const=True, default=None, **dict(field.metadata)
+        )
+        negated = dict.fromkeys((f"--no_{field.name}", f"--no-{field.name.replace('_', '-')}"))
+        parser.add_argument(*negated, action="store_false", dest=field.name, help=f"--{field.name} false")
+
+    def flag_names(self) -> set[str]:
+        """The fields a recipe may set: every flag of the script but ``recipe`` itself."""
+        names = {item.name for kind in self.dataclass_types for item in dataclasses.fields(kind) if item.init}
+        return names - {"recipe"}
+
+    def recipe_flags(self, path: str | os.PathLike) -> list[str]:
+        """The command-line tokens a recipe file stands for (``--key value`` per line; null lines skipped).
+
+        Raises ``ValueError`` naming the file and the key for a missing file, bad YAML, a key that is no flag
+        of this script, or a value that is not one number, string or boolean.
+        """
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"--recipe {path}: no such file")
+        try:
+            values = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"--recipe {path}: not valid YAML ({' '.join(str(error).split())})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"--recipe {path}: expected 'flag: value' lines, got {type(values).__name__}")
+        known = self.flag_names()
+        tokens = []
+        for key, value in values.items():
+            if key not in known:
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                raise ValueError(
+                    f"--recipe {path}: unknown key {key!r}{hint}; every key must be a flag of this script"
+                )
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = str(value).lower()
+            elif not isinstance(value, int | float | str):
+                raise ValueError(
+                    f"--recipe {path}: {key} must be one number, string or true/false; got {value!r}"
+                )
+            tokens += [f"--{key}", str(value)]
+        return tokens
+
+    def parse(
+        self, argv: Sequence[str] | None = None, default_recipe: str | os.PathLike | None = None
+    ) -> tuple:
+        """The dataclass instances from ``argv`` (default: the command line, as argparse reads it) on top of
+        the recipe ``--recipe`` names.
+
+        ``default_recipe`` stands in when neither ``--recipe`` nor ``--model_name_or_path`` is given: a model
+        built from scratch gets the script's default sizes, a checkpoint keeps its own config. Raises
+        ``ValueError`` for a bad recipe or an unknown (e.g. abbreviated) flag; a bad value exits through
+        argparse (status 2).
+        """
+        argv = sys.argv[1:] if argv is None else list(argv)
+        finder = argparse.ArgumentParser(prog=self.prog, add_help=False, allow_abbrev=False)
+        finder.add_argument("--recipe")
+        recipe = finder.parse_known_args(argv)[0].recipe
+        if recipe is None and default_recipe is not None:
+            parsed = self._parse_all(argv)
+            values = {key: value for instance in parsed for key, value in vars(instance).items()}
+            if values.get("model_name_or_path") is not None:
+                return parsed
+            recipe = default_recipe
+        tokens = [] if recipe is None else ["--recipe", str(recipe), *self.recipe_flags(recipe)]
+        return self._parse_all([*tokens, *argv])
+
+    def _parse_all(self, argv: list[str]) -> tuple:
+        *parsed, unknown = self.parse_args_into_dataclasses(
+            args=argv, return_remaining_strings=True, look_for_args_file=False
+        )
+        if unknown:
+            raise ValueError(
+                f"unrecognized arguments: {' '.join(unknown)} (flags are written in full: see --help)"
+            )
+        return tuple(parsed)
 
 
 def load_splits(data_args: DataArguments):

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from transformers.utils.constants import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
+from ..evaluation._runtime import default_num_workers
+
 CROPS = ("random-resized", "center")
 
 
@@ -342,12 +344,6 @@ class Normalize(nn.Module):
     def forward(self, images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         scaled = images.float().div_(255)
         return ((scaled - self.mean.to(scaled.device)) / self.std.to(scaled.device)).to(dtype)
-
-
-def default_num_workers(processes_per_machine: int = 1) -> int:
-    """DataLoader workers per process: the cores left after one per process, shared; between 1 and 8."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores // max(1, processes_per_machine) - 1))
 
 
 def training_loader(accelerator, train, image_column: str, transform: ImageTransform, args, data_args,

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, NoReturn, TextIO
 
 import numpy as np
 import torch
@@ -50,13 +50,25 @@ def stop_if_diverged(
             problem = "weights"
     if problem is None:
         return
-    if accelerator.is_main_process:
-        tqdm.write(  # on a line of its own, not after a progress bar
-            f"error: non-finite {problem} at step {step}, lr {learning_rate:.3g}: lower {lr_flag} or set "
-            "--max_grad_norm (e.g. 1.0); the model was not saved",
-            file=sys.stderr,
-        )
+    announce(
+        accelerator,
+        f"error: non-finite {problem} at step {step}, lr {learning_rate:.3g}: lower {lr_flag} or set "
+        "--max_grad_norm (e.g. 1.0); the model was not saved",
+        file=sys.stderr,
+    )
     raise SystemExit(1)
+
+
+def announce(accelerator, message: str, file: TextIO | None = None) -> None:
+    """Print ``message`` (main process only) on a line of its own above any progress bar: the bars are
+    cleared, the line written and flushed, then the bars redrawn, so a terminal, a pipe or a log file (where
+    stdout is block-buffered, the bar unbuffered on stderr) shows the line after the bar, not glued on it."""
+    if not accelerator.is_main_process:
+        return
+    stream = sys.stdout if file is None else file
+    with tqdm.external_write_mode(file=stream):
+        stream.write(f"{message}\n")
+        stream.flush()
 
 
 def make_accelerator(args: CommonTrainingArguments):

