@@ -117,6 +117,8 @@ def test_fid_samples_are_checked_before_any_model_is_loaded(checkpoint, data, ca
     args = ["evaluate", folder, "--dataset", data, "--metrics", "fid", "--output", tmp_path / "f.json"]
     err = _refused(capsys, *args, "--fid-samples", 1, "--fid-feature-model", checkpoint)
     assert "--fid-samples must be at least 2" in err
+    err = _refused(capsys, *args, "--fid-samples", 8, "--num-processes", 2, "--fid-feature-model", checkpoint)
+    assert "drop --num-processes 2 for --metrics fid" in err
     (folder / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"\x00" * 16)
     err = _refused(capsys, *args, "--fid-samples", 8, "--fid-feature-model", checkpoint)
     assert "diffusion_pytorch_model.safetensors is damaged" in err

@@ -302,6 +302,11 @@ def _check_before_work(args: argparse.Namespace, is_local: bool) -> None:
     if args.update_card and is_local:
         _check_writable(Path(args.model) / "README.md", "--update-card: the model card")
     fid = "fid" in args.metrics
+    if fid and args.num_processes > 1:
+        raise ValueError(
+            "--num-processes shares the feature extraction of the encoder metrics; FID generation runs in "
+            f"one process: drop --num-processes {args.num_processes} for --metrics fid"
+        )
     if fid and args.fid_samples < 2:
         raise ValueError(
             f"--fid-samples must be at least 2 (FID estimates a covariance); got {args.fid_samples}"
