@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from datasets import load_from_disk
@@ -64,6 +65,9 @@ def main(model_dir: str, data_dir: str, output: str) -> None:
     report["sharded"] = {"returned": gather_object([top1]), "images": gather_object([sum(seen)])}
     if accelerator.is_main_process:
         Path(output).write_text(json.dumps(report))
+    accelerator.wait_for_everyone()
+    # Tear gloo down before the interpreter does: its threads, left joinable at exit, abort the process.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
