@@ -82,6 +82,7 @@ def main(output: str) -> None:
             torch.testing.assert_close(averaged[name], tensor, rtol=0, atol=1e-7, msg=name)
     accelerator.wait_for_everyone()
     print(f"OK {accelerator.process_index}", flush=True)
+    torch.distributed.destroy_process_group()  # before the interpreter tears gloo's threads down
 
 
 if __name__ == "__main__":
