@@ -25,7 +25,7 @@ from torch import nn
 
 from ..data import find_image_column, find_label_column
 from ..evaluation._checks import integer_at_least
-from ..evaluation._runtime import as_device
+from ..evaluation._runtime import add_device_argument, as_device
 from ..evaluation.features import default_image_processor, load_encoder, load_model
 from .analysis import analyze
 from .jacobian import METHODS, check_integer
@@ -169,11 +169,7 @@ def add_align_command(commands: argparse._SubParsersAction) -> None:
         default="float32",
         help="precision of the Jacobian products (default: float32)",
     )
-    align.add_argument(
-        "--device",
-        default="auto",
-        help="'auto' (CUDA when available, the default), 'cpu', 'cuda' or 'cuda:N'",
-    )
+    add_device_argument(align)
     align.add_argument(
         "--num-classes",
         type=integer_at_least(1),

@@ -59,6 +59,15 @@ def as_device(device: str | torch.device | None, flag: str = "device") -> torch.
     return resolved
 
 
+def add_device_argument(parser) -> None:
+    """``--device`` for a command that runs a model: ``auto`` (CUDA when available), or any torch device."""
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (CUDA when available, the default), 'cpu', 'cuda' or 'cuda:N'",
+    )
+
+
 def default_device() -> torch.device:
     """This process's accelerator: its own GPU under a distributed launch, else ``cuda`` when available,
     else the CPU."""

@@ -24,7 +24,7 @@ from .. import __version__
 from ..assets import default_cache_dir
 from ..atomic import write_json_atomic
 from ._checks import integer_at_least
-from ._runtime import DTYPES, as_device, available_cores, current_processes
+from ._runtime import DTYPES, add_device_argument, as_device, available_cores, current_processes
 from .features import check_model_source, encoder_feature_fn, recording_feature_sources
 from .fid import FID_IMAGE_SIZE, fid_for_pipeline, load_fid_inception
 from .plots import plot_depth_curves
@@ -90,11 +90,7 @@ def add_evaluate_command(commands: argparse._SubParsersAction) -> None:
     evaluate.add_argument("--max-train-samples", type=integer_at_least(1), default=None)
     evaluate.add_argument("--max-test-samples", type=integer_at_least(1), default=None)
     evaluate.add_argument("--batch-size", type=integer_at_least(1), default=64)
-    evaluate.add_argument(
-        "--device",
-        default="auto",
-        help="'auto' (CUDA when available, the default), 'cpu', 'cuda' or 'cuda:N'",
-    )
+    add_device_argument(evaluate)
     evaluate.add_argument(
         "--dtype",
         choices=tuple(DTYPES),
