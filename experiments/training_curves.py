@@ -157,23 +157,44 @@ def markdown(curves: dict[str, list[dict]]) -> str:
 
 
 def plot(curves: dict[str, list[dict]], path: Path) -> Path:
+    """Top row against the training step, bottom row against depth at the last step; a colour per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from hf_resdecay.atomic import save_figure_atomic
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    figure, axes = plt.subplots(2, 3, figsize=(15, 8))
     for variant, points in curves.items():
         steps = [point["step"] for point in points]
-        line = axes[0].plot(steps, [point["knn_top1"][-1] for point in points], marker="o", label=variant)[0]
+        knn = axes[0, 0].plot(
+            steps, [p["knn_top1"][-1] for p in points], marker="o", label=f"{variant}, last layer"
+        )
+        color = knn[0].get_color()
+        axes[0, 0].plot(
+            steps, [max(p["knn_top1"]) for p in points], ls="--", color=color, label=f"{variant}, best layer"
+        )
+        axes[0, 1].plot(steps, [p["effective_rank"][-1] for p in points], marker="o", color=color)
+        axes[0, 2].plot(steps, [p["norms"][-1] for p in points], marker="o", color=color, label=variant)
         last = points[-1]
-        axes[1].plot(range(len(last["knn_top1"])), last["knn_top1"], marker="o", color=line.get_color())
-        axes[2].plot(range(len(last["norms"])), last["norms"], marker="o", color=line.get_color())
-    axes[0].set(xlabel="training step", ylabel="kNN top-1, last layer (%)")
-    axes[1].set(xlabel="layer (0 = embeddings)", ylabel="kNN top-1 at the last step (%)")
-    axes[2].set(xlabel="layer (0 = embeddings)", ylabel="mean token norm at the last step")
-    for axis in axes:
+        for axis, values in zip(
+            axes[1], (last["knn_top1"], last["effective_rank"], last["norms"]), strict=True
+        ):
+            axis.plot(range(len(values)), values, marker="o", color=color)
+    labels = (
+        "kNN top-1 (%)",
+        "effective rank (RankMe), last layer",
+        "mean token norm after the last block",
+        "kNN top-1 at the last step (%)",
+        "effective rank at the last step",
+        "mean token norm at the last step",
+    )
+    for index, (axis, label) in enumerate(zip(axes.flat, labels, strict=True)):
+        axis.set(xlabel="training step" if index < 3 else "layer (0 = embeddings)", ylabel=label)
         axis.grid(alpha=0.3)
-    axes[0].legend(frameon=False)
+    axes[0, 0].legend(frameon=False, fontsize="small")
+    axes[0, 2].legend(frameon=False)
     figure.tight_layout()
     return save_figure_atomic(figure, path)
 
