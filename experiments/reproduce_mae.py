@@ -193,16 +193,44 @@ def score(run_dir: Path, train_set, test_set, args: argparse.Namespace) -> dict:
     return scores
 
 
-def pixel_reference(train_set, test_set) -> dict[str, float]:
-    """kNN top-1 and effective rank of the raw pixels of the same images: the bar features should clear."""
+def mean_patch(images: np.ndarray, patch_size: int) -> np.ndarray:
+    """Each image's mean ``patch_size`` x ``patch_size`` patch, flattened: what a mean-pooled linear patch
+    embedding can see of an image (layer 0's mean-pooled tokens are an affine function of it).
+
+    ``images`` is ``(N, H, W)`` or ``(N, H, W, C)``; rows and columns past the last whole patch are dropped.
+    """
+    n, height, width = images.shape[:3]
+    rows, cols = height // patch_size, width // patch_size
+    cropped = images[:, : rows * patch_size, : cols * patch_size]
+    patches = cropped.reshape(n, rows, patch_size, cols, patch_size, *images.shape[3:])
+    return patches.mean(axis=(1, 3)).reshape(n, -1)
+
+
+def pixel_reference(train_set, test_set, patch_size: int | None = None) -> dict[str, float]:
+    """kNN top-1 and effective rank of the raw pixels of the same images: the bar features should clear.
+
+    With ``patch_size``, also the kNN of each image's mean patch (:func:`mean_patch`): the floor of a
+    mean-pooled token feature, which keeps the pixel statistics but not the layout.
+    """
     from hf_resdecay.evaluation import effective_rank, knn_accuracy
 
     def pixels(dataset) -> np.ndarray:
-        return np.stack([np.asarray(image, dtype=np.float32).ravel() / 255 for image in dataset["image"]])
+        return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in dataset["image"]])
 
     train, test = pixels(train_set), pixels(test_set)
-    knn = knn_accuracy(train, np.asarray(train_set["label"]), test, np.asarray(test_set["label"]))
-    return {"knn_top1": knn["top1"], "effective_rank": effective_rank(train)}
+    train_labels, test_labels = np.asarray(train_set["label"]), np.asarray(test_set["label"])
+    flat_train, flat_test = train.reshape(len(train), -1), test.reshape(len(test), -1)
+    reference = {
+        "knn_top1": knn_accuracy(flat_train, train_labels, flat_test, test_labels)["top1"],
+        "effective_rank": effective_rank(flat_train),
+    }
+    if patch_size:
+        patch_train, patch_test = mean_patch(train, patch_size), mean_patch(test, patch_size)
+        reference["mean_patch_size"] = patch_size
+        reference["mean_patch_knn_top1"] = knn_accuracy(patch_train, train_labels, patch_test, test_labels)[
+            "top1"
+        ]
+    return reference
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict:
@@ -290,13 +318,16 @@ def main(argv: list[str] | None = None) -> dict:
         runs.setdefault(variant, {})[seed] = json.loads(done.read_text())
     summary = summarise(runs)
     settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
-    reference = pixel_reference(train_set, test_set)
+    first_run = args.output / args.variants[0] / f"seed-{args.seeds[0]}" / "config.json"
+    reference = pixel_reference(train_set, test_set, json.loads(first_run.read_text())["patch_size"])
     write_json_atomic(
         {"settings": settings, "variants": summary, "raw_pixels": reference}, args.output / "results.json"
     )
     table = markdown_table(summary) + (
         f"\nRaw pixels of the same images: kNN top-1 {reference['knn_top1']:.2f}%, "
-        f"effective rank {reference['effective_rank']:.2f}.\n"
+        f"effective rank {reference['effective_rank']:.2f}; their mean {reference['mean_patch_size']}x"
+        f"{reference['mean_patch_size']} patch (the floor of a mean-pooled feature): kNN top-1 "
+        f"{reference['mean_patch_knn_top1']:.2f}%.\n"
     )
     with atomic_write(args.output / "results.md") as handle:
         handle.write(table)

@@ -9,6 +9,7 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -79,6 +80,8 @@ def test_smoke_run_produces_every_number_and_resumes(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["variants"]["decay_0.3"]["knn_top1"] == summary["decay_0.3"]["knn_top1"]
     assert 0 <= saved["raw_pixels"]["knn_top1"] <= 100 and saved["raw_pixels"]["effective_rank"] >= 1
+    assert saved["raw_pixels"]["mean_patch_size"] == 4  # the smoke model's patch, read from its config
+    assert 0 <= saved["raw_pixels"]["mean_patch_knn_top1"] <= 100
     table = (out / "results.md").read_text().splitlines()
     rows = 2 + len(experiment.DEFAULT_VARIANTS)
     assert all(" ± " in line for line in table[2:rows]) and table[rows + 1].startswith("Raw pixels")
@@ -115,3 +118,19 @@ def test_one_seed_has_no_standard_deviation():
     two = experiment.summarise({"plain": {0: scores, 1: scores | {"knn_top1": 3.5}}})
     assert two["plain"]["knn_top1"]["std"] == pytest.approx(2**0.5)
     assert "2.50 ± 1.41" in experiment.markdown_table(two)
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 12), (3, 14, 13, 2)])
+def test_mean_patch_averages_every_whole_patch(shape):
+    """Against explicit loops over the patches (a partial last row or column is dropped)."""
+    images = np.random.default_rng(0).random(shape, dtype=np.float32)
+    size = 4
+    expected = []
+    for image in images:
+        patches = [
+            image[top : top + size, left : left + size]
+            for top in range(0, image.shape[0] - size + 1, size)
+            for left in range(0, image.shape[1] - size + 1, size)
+        ]
+        expected.append(np.mean(patches, axis=0).ravel())
+    np.testing.assert_allclose(_experiment().mean_patch(images, size), np.stack(expected), rtol=1e-6)
