@@ -63,7 +63,7 @@ def test_a_planted_pickle_never_runs_and_a_dead_runs_lock_is_taken_over(tmp_path
 
 def test_a_second_run_on_the_same_folder_is_refused_and_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
-    args = [*QUICK, "--output_dir", str(out), "--max_train_steps", "100000", "--checkpointing_steps", "2"]
+    args = [*QUICK, "--output_dir", str(out), "--max_train_steps", "3000", "--checkpointing_steps", "2"]
     first = subprocess.Popen(
         [sys.executable, str(SCRIPTS / "train_mae.py"), *args],
         stdout=subprocess.PIPE,
