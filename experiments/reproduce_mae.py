@@ -206,10 +206,10 @@ def mean_patch(images: np.ndarray, patch_size: int) -> np.ndarray:
     return patches.mean(axis=(1, 3)).reshape(n, -1)
 
 
-def pixel_reference(train_set, test_set, patch_size: int | None = None) -> dict[str, float]:
+def pixel_reference(train_set, test_set, patch_size: int) -> dict[str, float]:
     """kNN top-1 and effective rank of the raw pixels of the same images: the bar features should clear.
 
-    With ``patch_size``, also the kNN of each image's mean patch (:func:`mean_patch`): the floor of a
+    Also the kNN of each image's mean ``patch_size`` patch (:func:`mean_patch`): the floor of a
     mean-pooled token feature, which keeps the pixel statistics but not the layout.
     """
     from hf_resdecay.evaluation import effective_rank, knn_accuracy
@@ -220,17 +220,13 @@ def pixel_reference(train_set, test_set, patch_size: int | None = None) -> dict[
     train, test = pixels(train_set), pixels(test_set)
     train_labels, test_labels = np.asarray(train_set["label"]), np.asarray(test_set["label"])
     flat_train, flat_test = train.reshape(len(train), -1), test.reshape(len(test), -1)
-    reference = {
+    patch_train, patch_test = mean_patch(train, patch_size), mean_patch(test, patch_size)
+    return {
         "knn_top1": knn_accuracy(flat_train, train_labels, flat_test, test_labels)["top1"],
         "effective_rank": effective_rank(flat_train),
+        "mean_patch_size": patch_size,
+        "mean_patch_knn_top1": knn_accuracy(patch_train, train_labels, patch_test, test_labels)["top1"],
     }
-    if patch_size:
-        patch_train, patch_test = mean_patch(train, patch_size), mean_patch(test, patch_size)
-        reference["mean_patch_size"] = patch_size
-        reference["mean_patch_knn_top1"] = knn_accuracy(patch_train, train_labels, patch_test, test_labels)[
-            "top1"
-        ]
-    return reference
 
 
 def summarise(runs: dict[str, dict[int, dict]]) -> dict:
