@@ -69,6 +69,8 @@ def test_a_second_run_on_the_same_folder_is_refused_and_ctrl_c_says_how_to_resum
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # Ctrl-C as a terminal delivers it: the run must not inherit an ignored SIGINT from the test worker.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         deadline = time.time() + 300
