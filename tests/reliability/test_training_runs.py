@@ -61,6 +61,12 @@ def test_a_planted_pickle_never_runs_and_a_dead_runs_lock_is_taken_over(tmp_path
     ]
 
 
+def _deliverable_sigint() -> None:
+    """In the child before exec: SIGINT back to its default disposition and out of the blocked mask."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def test_a_second_run_on_the_same_folder_is_refused_and_ctrl_c_says_how_to_resume(tmp_path):
     out = tmp_path / "run"
     args = [*QUICK, "--output_dir", str(out), "--max_train_steps", "3000", "--checkpointing_steps", "2"]
@@ -69,8 +75,9 @@ def test_a_second_run_on_the_same_folder_is_refused_and_ctrl_c_says_how_to_resum
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # Ctrl-C as a terminal delivers it: the run must not inherit an ignored SIGINT from the test worker.
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        # Ctrl-C as a terminal delivers it: the run must not inherit an ignored or blocked SIGINT from the
+        # test worker (dispositions set to ignore and the signal mask both survive exec).
+        preexec_fn=_deliverable_sigint,
     )
     try:
         deadline = time.time() + 300
